@@ -1,0 +1,7 @@
+"""The parametric simulation of sharpness across scales (numpy only, no torch)."""
+
+from .config import SimulationConfig
+from .study import plan_study, write_study
+from .trajectories import parse_scale, scale_label, simulate_run
+
+__all__ = ["SimulationConfig", "plan_study", "write_study", "parse_scale", "scale_label", "simulate_run"]
