@@ -116,15 +116,15 @@ class ScheduleStudyConfig:
 
     Sharpness follows the learning rate with a lag: S += response * S_f * (r~(t) - r~_cos(t)),
     r~ the exponentially smoothed lr multiplier (time constant ``lag``). A jump of the lr
-    (a restart) also triggers a catapult spike of height spike * (S_p - S_f) that decays at
-    rate lambda * spike_decay.
+    (a restart) also triggers a catapult spike of height spike * S_f (a fraction of the level
+    it kicks) that decays at rate lambda * spike_decay.
     """
 
     schedules: list[str] = field(default_factory=lambda: ["cosine", "linear", "constant", "wsd", "cosine_restarts"])
     scales: list[str] = field(default_factory=lambda: ["10M", "1.3B", "7B"])
-    response: float = 0.35
+    response: float = 0.2
     lag: float = 0.03
-    spike: float = 0.35
+    spike: float = 0.25
     spike_decay: float = 4.0
     wsd_decay_fraction: float = 0.2
     restart_cycle_fraction: float = 0.25

@@ -148,7 +148,7 @@ def simulate_run(cfg: SimulationConfig, n: float, rng: np.random.Generator, *, s
         extra = ss.response * q.final * heat
         for j in jumps:
             after = t - t[j]
-            extra = extra + np.where(after >= 0, ss.spike * (q.peak - q.final)
+            extra = extra + np.where(after >= 0, ss.spike * q.final
                                      * np.exp(-q.decay * ss.spike_decay * np.clip(after, 0, None)), 0.0)
         return extra
 

@@ -1,0 +1,151 @@
+"""Three-phase detection on a measured or simulated sharpness trajectory (numpy/scipy only).
+
+The detector looks only at the series, never at how it was made:
+
+1. drop non-finite points (too many of them -> not decidable), sort by t, rescale t to [0, 1];
+2. smooth with a running median then a running mean (window ``smooth`` of the run), which
+   removes measurement noise but keeps features wider than the window (restart spikes);
+3. *rise*: the smoothed maximum (the peak) is well inside the run
+   (``edge`` <= t_peak <= ``latest_peak``) and above the start by ``min_rise`` of the peak;
+4. *decay*: the plateau level (median of the raw values in the last ``plateau_window``) is
+   below the peak by at least ``min_drop`` of the peak;
+5. *plateau*: over that last window the smoothed series stays within a band of
+   ``flat_tol`` x (peak - plateau) around the plateau level, and its linear trend across the
+   window is inside the same band (a run still decaying, or spiking, has no plateau).
+
+Phase boundaries reported: t_peak, and t_plateau = the first time after the peak at which the
+smoothed series enters the plateau band.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.ndimage import median_filter, uniform_filter1d
+from scipy.signal import find_peaks
+
+TAIL_FRACTION = 0.1
+"""Final value = mean of the last 10% of checkpoints (the study's definition)."""
+
+PHASE_WINDOWS = ((0.0, 0.2), (0.2, 0.6), (0.6, 1.0 + 1e-9))
+"""Fixed windows for phase means: t < 0.2, 0.2 <= t < 0.6, t >= 0.6."""
+
+
+def final_value(values, fraction: float = TAIL_FRACTION) -> float:
+    """Mean of the last ``fraction`` of the finite values (at least one point)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan")
+    k = max(1, int(round(fraction * v.size)))
+    return float(np.mean(v[-k:]))
+
+
+def peak_value(values) -> float:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.max(v)) if v.size else float("nan")
+
+
+def phase_means(t, values) -> tuple[float, float, float]:
+    t = np.asarray(t, dtype=float)
+    v = np.asarray(values, dtype=float)
+    out = []
+    for lo, hi in PHASE_WINDOWS:
+        sel = (t >= lo) & (t < hi) & np.isfinite(v)
+        out.append(float(np.mean(v[sel])) if sel.any() else float("nan"))
+    return out[0], out[1], out[2]
+
+
+def early_mean(t, values, horizon: float) -> float:
+    t = np.asarray(t, dtype=float)
+    v = np.asarray(values, dtype=float)
+    sel = (t <= horizon + 1e-12) & np.isfinite(v)
+    return float(np.mean(v[sel])) if sel.any() else float("nan")
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    window = max(1, int(window))
+    if window % 2 == 0:
+        window += 1
+    if window <= 1 or values.size < 3:
+        return values.copy()
+    return uniform_filter1d(median_filter(values, size=window, mode="nearest"), size=window, mode="nearest")
+
+
+@dataclass
+class PhaseResult:
+    preserved: bool
+    reason: str
+    t_peak: float = float("nan")
+    t_plateau: float = float("nan")
+    peak: float = float("nan")
+    plateau: float = float("nan")
+    start: float = float("nan")
+    n_spikes: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def detect_three_phase(t, values, *, smooth_fraction: float = 0.05, edge: float = 0.02,
+                       latest_peak: float = 0.6, min_rise: float = 0.1, min_drop: float = 0.25,
+                       plateau_window: float = 0.2, flat_tol: float = 0.25, trend_tol: float = 0.15,
+                       min_points: int = 10, max_missing: float = 0.2) -> PhaseResult:
+    """Decide whether ``values`` over ``t`` show rise -> decay -> plateau (see module doc)."""
+    t = np.asarray(t, dtype=float)
+    v = np.asarray(values, dtype=float)
+    if t.shape != v.shape:
+        raise ValueError("t and values must have the same shape")
+    finite = np.isfinite(t) & np.isfinite(v)
+    if v.size == 0 or finite.sum() < min_points:
+        return PhaseResult(False, f"too few finite points ({int(finite.sum())} < {min_points})")
+    if 1 - finite.mean() > max_missing:
+        return PhaseResult(False, f"{100 * (1 - finite.mean()):.0f}% of the points are non-finite")
+    order = np.argsort(t[finite], kind="stable")
+    t, v = t[finite][order], v[finite][order]
+    span = t[-1] - t[0]
+    if span <= 0:
+        return PhaseResult(False, "all points share one t")
+    u = (t - t[0]) / span
+    sm = smooth(v, round(smooth_fraction * v.size))
+    i_peak = int(np.argmax(sm))
+    peak, start = float(sm[i_peak]), float(sm[0])
+    scale = abs(peak) if peak != 0 else 1.0
+    res = PhaseResult(False, "", t_peak=float(t[i_peak]), peak=peak, start=start)
+    window = u >= 1 - plateau_window
+    res.plateau = float(np.median(v[window]))
+    if u[i_peak] < edge:
+        res.reason = "peak at the start: no rise"
+        return res
+    if u[i_peak] > latest_peak:
+        res.reason = f"peak too late (at {u[i_peak]:.2f} of the run)"
+        return res
+    if peak - start < min_rise * scale:
+        res.reason = "no rise before the peak"
+        return res
+    gap = peak - res.plateau
+    if gap < min_drop * scale:
+        res.reason = f"no decay: the end sits within {100 * gap / scale:.0f}% of the peak"
+        return res
+    band = flat_tol * gap
+    after = sm[i_peak + 1:]
+    if after.size >= 3:
+        spikes, _ = find_peaks(after, prominence=0.1 * gap)
+        res.n_spikes = int(spikes.size)
+    entered = np.flatnonzero(sm[i_peak:] <= res.plateau + band)
+    if entered.size:
+        res.t_plateau = float(t[i_peak + entered[0]])
+    deviation = float(np.max(np.abs(sm[window] - res.plateau)))
+    if deviation > band:
+        res.reason = f"no plateau: the last {100 * plateau_window:.0f}% moves by {deviation / gap:.2f} of the drop"
+        return res
+    tw, vw = u[window], v[window]
+    if tw.size >= 3 and np.ptp(tw) > 0:
+        trend = abs(np.polyfit(tw, vw, 1)[0]) * np.ptp(tw)
+        if trend > trend_tol * gap:
+            res.reason = f"no plateau: still trending by {trend / gap:.2f} of the drop over the last window"
+            return res
+    res.preserved = True
+    return res
