@@ -57,6 +57,8 @@ def lr_multiplier(name: str, step, total_steps: float, *, warmup_steps: float = 
         if cycle <= 0:
             raise UserError(f"cycle_steps must be positive, got {cycle}")
         pos = np.mod(np.maximum(after, 0.0), cycle) / cycle
+        # The last step closes a cycle rather than opening a new one.
+        pos = np.where((after >= span) & (pos == 0.0), 1.0, pos)
         main = min_ratio + (1 - min_ratio) * 0.5 * (1 + np.cos(np.pi * pos))
     out = np.where(s < warmup_steps, np.minimum(warm, 1.0), main)
     return float(out) if scalar else out

@@ -14,39 +14,15 @@ peak and cannot produce its own tables.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import UserError
 from ..schedules import lr_multiplier
+from ..sizes import parse_size as parse_scale
+from ..sizes import size_label as scale_label
 from .config import MeasureConfig, OscillationConfig, SimulationConfig
-
-_SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
-
-
-def parse_scale(label: str | float) -> float:
-    """'1.3B' -> 1.3e9; plain numbers pass through."""
-    if isinstance(label, (int, float)):
-        value = float(label)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBTkmbt]?)\s*", str(label))
-        if not m:
-            raise UserError(f"cannot read model size '{label}'; write it like 10M, 1.3B or 7e9")
-        value = float(m.group(1)) * _SUFFIX.get(m.group(2).upper(), 1.0)
-    if not value > 0:
-        raise UserError(f"model size must be positive, got {label!r}")
-    return value
-
-
-def scale_label(n: float) -> str:
-    """1.3e9 -> '1.3B' (the inverse of :func:`parse_scale` for round sizes)."""
-    for suffix, unit in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= unit:
-            return f"{n / unit:.4g}{suffix}"
-    return f"{n:.4g}"
-
 
 @dataclass(frozen=True)
 class ShapeParams:

@@ -1,0 +1,221 @@
+"""Command line: one subcommand per user task. Thin: parse, call the library, print.
+
+A user mistake (UserError) prints one line, ``sharpscope: error: ...``, and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+
+def _float_list(text: str) -> list[float]:
+    from .sizes import parse_size
+
+    return [parse_size(v) for v in text.split(",") if v.strip()]
+
+
+def _refuse_existing_study(out: Path, force: bool) -> None:
+    from .runs import find_runs
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"'{out}' exists and is not a directory; choose another --out")
+    if out.is_dir() and find_runs(out) and not force:
+        raise UserError(f"'{out}' already holds runs; pass --force to replace them or choose another --out")
+
+
+# --- simulate --------------------------------------------------------------------------
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .simulation import SimulationConfig, write_study
+    from .simulation.study import n_trajectories, plan_study
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = load_config(SimulationConfig, args.config, overrides)
+    out = Path(args.out)
+    _refuse_existing_study(out, args.force)
+    t0 = time.perf_counter()
+    planned = plan_study(cfg)  # validates before anything is written
+    paths = write_study(cfg, out)
+    print(f"simulated {len(paths)} runs ({n_trajectories(planned)} trajectories) in "
+          f"{time.perf_counter() - t0:.2f} s -> {out}")
+    if args.no_analyze:
+        return 0
+    return _analyze(out, Path(args.report) if args.report else out / "report", figures=not args.no_figures,
+                    title=f"Simulated sharpness study (seed {cfg.seed})")
+
+
+# --- analyze ---------------------------------------------------------------------------
+
+def _analyze(study: Path, out: Path, *, figures: bool = True, metric: str | None = None,
+             pac_m: float = 1e5, pac_delta: float = 0.05, extrapolate: list[float] | None = None,
+             title: str = "sharpscope study report") -> int:
+    from .analysis.study import DEFAULT_EXTRAPOLATION, SHARPNESS, AnalysisOptions
+    from .report.build import write_report
+
+    opts = AnalysisOptions(metric=metric or SHARPNESS, pac_m=pac_m, pac_delta=pac_delta,
+                           extrapolate=tuple(extrapolate or DEFAULT_EXTRAPOLATION))
+    t0 = time.perf_counter()
+    result = write_report(study, out, figures=figures, options=opts, title=title)
+    s = result.analysis.summary
+    f = s["scaling_law"]
+    print(f"analysed {s['n_runs']} runs in {time.perf_counter() - t0:.2f} s -> {out}")
+    print(f"  final sharpness = {f['slope']:.4f}·log10 N + {f['intercept']:.4f}  "
+          f"(R² {f['r2']:.4f}, r {f['r']:.4f}; AIC log-linear {f['aic_loglinear']:.2f} vs power {f['aic_power']:.2f})")
+    print(f"  three-phase: scales {s['three_phase_scales']}, ablations {s['ablations_preserved']}")
+    if result.html:
+        print(f"  report: {result.html}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    return _analyze(Path(args.study), Path(args.out), figures=not args.no_figures, metric=args.metric,
+                    pac_m=args.pac_m, pac_delta=args.pac_delta,
+                    extrapolate=_float_list(args.extrapolate) if args.extrapolate else None)
+
+
+# --- fit -------------------------------------------------------------------------------
+
+def _read_columns(path: Path, x: str, y: str) -> tuple[list[str], list[str]]:
+    if not path.is_file():
+        raise UserError(f"table '{path}' not found; pass the path of a CSV file")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        for col, flag in ((x, "--x"), (y, "--y")):
+            if col not in header:
+                raise UserError(f"column '{col}' ({flag}) is not in {path}; its columns are: {', '.join(header)}")
+        rows = list(reader)
+    return [r[x] for r in rows], [r[y] for r in rows]
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .analysis.fits import ScalingLaw
+    from .sizes import parse_size
+
+    path = Path(args.table)
+    xs, ys = _read_columns(path, args.x, args.y)
+    n_params, values = [], []
+    for i, (xv, yv) in enumerate(zip(xs, ys), start=2):  # line 1 is the header
+        if xv is None or yv is None or not xv.strip() or not yv.strip():
+            raise UserError(f"{path}:{i}: empty value in '{args.x}' or '{args.y}'; fill it in or drop the row")
+        try:
+            n = parse_size(xv)
+        except UserError as exc:
+            raise UserError(f"{path}:{i}: {exc}") from None
+        try:
+            v = float(yv)
+        except ValueError:
+            raise UserError(f"{path}:{i}: '{yv}' in column '{args.y}' is not a number") from None
+        if not math.isfinite(v) or not math.isfinite(n):
+            raise UserError(f"{path}:{i}: non-finite value; fits need finite numbers")
+        n_params.append(n)
+        values.append(v)
+    law = ScalingLaw(n_params, values, what=args.y)
+    fit = law.summary()
+    predictions = law.predict(_float_list(args.predict)) if args.predict else []
+    if args.json:
+        print(json.dumps({"fit": fit.as_dict(), "predictions": predictions}, indent=2))
+        return 0
+    print(f"{fit.n} sizes from {path} ({args.y} against {args.x})")
+    print(f"log-linear  {args.y} = {fit.slope:.4f}·log10 N + {fit.intercept:.4f}   "
+          f"R² {fit.r2:.4f}   r {fit.r:.4f}   AIC {fit.aic_loglinear:.2f}")
+    print(f"power law   {args.y} = {fit.power_coef:.4f}·N^{fit.power_exponent:.4f}   "
+          f"R² {fit.power_r2:.4f}   AIC {fit.aic_power:.2f}")
+    print(f"preferred by AIC: {fit.preferred} (ΔAIC {abs(fit.aic_power - fit.aic_loglinear):.2f})")
+    print(f"leave-one-out relative error: log-linear mean {fit.loo_mean_pct:.2f}% max {fit.loo_max_pct:.2f}%; "
+          f"power law mean {fit.power_loo_mean_pct:.2f}% max {fit.power_loo_max_pct:.2f}%")
+    if predictions:
+        print("predictions (log-linear with 95% interval of the fitted mean; power law):")
+        for p in predictions:
+            print(f"  N = {p['n_params']:.3g}: {p['predicted']:.4f} [{p['lower']:.4f}, {p['upper']:.4f}]   "
+                  f"power law {p['predicted_power']:.4f}")
+    return 0
+
+
+# --- demo ------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .simulation import SimulationConfig, write_study
+
+    out = Path(args.out)
+    study = out / "simulated"
+    if study.exists():
+        shutil.rmtree(study)  # the demo owns its output folder and always starts it afresh
+    t0 = time.perf_counter()
+    paths = write_study(SimulationConfig(), study)
+    print(f"[demo] simulated study: {len(paths)} runs -> {study}")
+    _analyze(study, out / "report", title="sharpscope demo: the simulated study of sharpness across scales")
+    print(f"[demo] done in {time.perf_counter() - t0:.1f} s; open {out / 'report' / 'report.html'}")
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sharpscope", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"sharpscope {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="simulate the study of sharpness across scales and analyse it")
+    s.add_argument("--out", required=True, help="directory for the runs (the report goes to OUT/report)")
+    s.add_argument("--seed", type=int, default=None, help="numpy seed (default 42)")
+    s.add_argument("--config", help="TOML file with simulation settings")
+    s.add_argument("--report", help="write the report here instead of OUT/report")
+    s.add_argument("--no-analyze", action="store_true", help="only write the runs")
+    s.add_argument("--no-figures", action="store_true", help="tables and summary only")
+    s.add_argument("--force", action="store_true", help="replace runs already in OUT")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. noise_sigma=0.02")
+    s.set_defaults(func=cmd_simulate)
+
+    a = sub.add_parser("analyze", help="analyse a directory of runs (simulated or measured)")
+    a.add_argument("study", help="directory holding runs (searched recursively)")
+    a.add_argument("--out", required=True, help="report directory")
+    a.add_argument("--metric", help="sharpness metric to study (default sharpness/critical)")
+    a.add_argument("--no-figures", action="store_true", help="tables and summary only")
+    a.add_argument("--pac-m", type=float, default=1e5, help="PAC-Bayes sample count m")
+    a.add_argument("--pac-delta", type=float, default=0.05, help="PAC-Bayes confidence delta")
+    a.add_argument("--extrapolate", help="sizes to extrapolate to when the study has none, e.g. 13B,30B,70B")
+    a.set_defaults(func=cmd_analyze)
+
+    f = sub.add_parser("fit", help="fit a table of model size against sharpness")
+    f.add_argument("table", help="CSV file with a header row")
+    f.add_argument("--x", required=True, help="column of model sizes (numbers or 10M / 1.3B labels)")
+    f.add_argument("--y", required=True, help="column of sharpness values")
+    f.add_argument("--predict", help="sizes to predict, comma-separated, e.g. 13e9,30e9,70e9")
+    f.add_argument("--json", action="store_true", help="print JSON")
+    f.set_defaults(func=cmd_fit)
+
+    d = sub.add_parser("demo", help="run the built-in demo end to end")
+    d.add_argument("--out", default="demo-output", help="output directory (replaced)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"sharpscope: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sharpscope: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

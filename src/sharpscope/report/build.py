@@ -1,0 +1,43 @@
+"""Analyse a study directory and write tables, summary, figures and the HTML report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..analysis.study import AnalysisOptions, StudyAnalysis, analyze_runs
+from ..analysis.tables import write_summary, write_tables
+from ..errors import UserError
+from ..runs import read_study
+
+
+@dataclass
+class ReportResult:
+    analysis: StudyAnalysis
+    out: Path
+    tables: list[Path] = field(default_factory=list)
+    figures: dict[str, Path] = field(default_factory=dict)
+    html: Path | None = None
+
+
+def write_report(study: str | Path, out: str | Path, *, figures: bool = True,
+                 options: AnalysisOptions | None = None, title: str = "sharpscope study report") -> ReportResult:
+    """Read every run under ``study``, analyse, and write the report under ``out``.
+
+    Everything is analysed before anything is written, so a bad input leaves an existing
+    report untouched; each file is then replaced atomically.
+    """
+    study, out = Path(study), Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output '{out}' exists and is not a directory; choose another --out")
+    analysis = analyze_runs(read_study(study), options)
+    result = ReportResult(analysis=analysis, out=out)
+    result.tables = write_tables(analysis.tables, out)
+    write_summary(analysis.summary, out)
+    if figures:
+        from .figures import write_figures  # matplotlib only when figures are wanted
+        from .html import write_html
+
+        result.figures = write_figures(analysis, out)
+        result.html = write_html(analysis, result.figures, out, title)
+    return result

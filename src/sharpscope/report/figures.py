@@ -1,0 +1,300 @@
+"""The study's figures (matplotlib, Agg backend): one PNG per question, labelled axes.
+
+Each function takes a :class:`~sharpscope.analysis.study.StudyAnalysis` and returns a figure,
+or None when the study has nothing to show for it (no schedule runs, no accuracy...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..analysis.study import GRAD_NORM, LOSS, MEASURES, StudyAnalysis, _by_model  # noqa: E402
+from ..runs import atomic_write_bytes  # noqa: E402
+
+DPI = 90
+
+
+def _colors(n: int):
+    return plt.cm.viridis(np.linspace(0.05, 0.9, max(n, 1)))
+
+
+def _legend(ax, **kw):
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=8, **kw)
+
+
+def trajectories(a: StudyAnalysis):
+    models = _by_model(a.group("scales"))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for color, g in zip(_colors(len(models)), models):
+        r = g[0]
+        ax.plot(r.t, r.sharpness, color=color, lw=1.1, label=f"{r.run.model}")
+        if np.isfinite(r.phases.t_peak):
+            ax.axvline(r.phases.t_peak, color=color, lw=0.6, ls=":")
+    ax.set_xlabel("training progress t")
+    ax.set_ylabel(a.options.metric)
+    ax.set_title("Sharpness trajectories by scale (dotted: detected peak)")
+    _legend(ax, ncol=2)
+    return fig
+
+
+def loss(a: StudyAnalysis):
+    models = _by_model(a.group("scales"))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    shown = False
+    for color, g in zip(_colors(len(models)), models):
+        t, v = g[0].run.series(LOSS)
+        if v.size:
+            ax.plot(t, v, color=color, lw=1.1, label=g[0].run.model)
+            shown = True
+    if not shown:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("training progress t")
+    ax.set_ylabel(LOSS)
+    ax.set_title("Training loss by scale")
+    _legend(ax, ncol=2)
+    return fig
+
+
+def accuracy(a: StudyAnalysis):
+    rows = a.tables.get("downstream") or []
+    if not rows:
+        return None
+    tasks = [k for k in rows[0] if k not in ("model", "n_params", "mean_accuracy", "final_sharpness")]
+    n = np.array([r["n_params"] for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for color, task in zip(_colors(len(tasks)), tasks):
+        ax.plot(n, [r[task] for r in rows], "o-", color=color, lw=1, ms=4, label=task)
+    ax.plot(n, [r["mean_accuracy"] for r in rows], "ks-", lw=2, label="mean")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("downstream accuracy")
+    ax.set_title("Downstream accuracy by scale")
+    _legend(ax, ncol=2)
+    return fig
+
+
+def scaling_law(a: StudyAnalysis):
+    law = a.scaling
+    fit = law.summary()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    grid = np.logspace(np.log10(law.n_params.min()) - 0.2, np.log10(law.n_params.max()) + 0.2, 100)
+    ax.plot(law.n_params, law.values, "ko", label="final sharpness")
+    ax.plot(grid, law.loglinear.predict(np.log10(grid)), "C0-",
+            label=f"log-linear: {fit.slope:.4f} log10 N + {fit.intercept:.4f} (R² {fit.r2:.4f}, AIC {fit.aic_loglinear:.2f})")
+    ax.plot(grid, law.power_predict(grid), "C1--",
+            label=f"power law: N^{fit.power_exponent:.4f} (R² {fit.power_r2:.4f}, AIC {fit.aic_power:.2f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel(f"final {a.options.metric}")
+    ax.set_title("Scaling law of final sharpness")
+    _legend(ax)
+    return fig
+
+
+def sharpness_gradient(a: StudyAnalysis):
+    models = _by_model(a.group("scales"))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    shown = False
+    for color, g in zip(_colors(len(models)), models):
+        r = g[0]
+        _, s = r.run.series(a.options.metric)
+        _, gn = r.run.series(GRAD_NORM)
+        if gn.size == s.size and gn.size:
+            ax1.scatter(gn, s, s=5, color=color, label=r.run.model)
+            shown = True
+    if not shown:
+        plt.close(fig)
+        return None
+    rows = a.tables["correlations"]
+    ax2.plot([r["n_params"] for r in rows], [r["r_sharpness_grad_norm"] for r in rows], "o-", label="r(sharpness, grad norm)")
+    ax2.plot([r["n_params"] for r in rows], [r["r_sharpness_loss"] for r in rows], "s--", label="r(sharpness, loss)")
+    ax1.set_xlabel(GRAD_NORM)
+    ax1.set_ylabel(a.options.metric)
+    ax1.set_title("Sharpness against gradient norm")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("parameters N")
+    ax2.set_ylabel("within-run Pearson r")
+    ax2.set_title("Coupling by scale")
+    _legend(ax1, ncol=2)
+    _legend(ax2)
+    fig.tight_layout()
+    return fig
+
+
+def sharpness_accuracy(a: StudyAnalysis):
+    rows = [r for r in a.tables["scales"] if np.isfinite(r["mean_accuracy"])]
+    if len(rows) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    s = np.array([r["final_sharpness"] for r in rows])
+    acc = np.array([r["mean_accuracy"] for r in rows])
+    ax.plot(s, acc, "o")
+    for r in rows:
+        ax.annotate(r["model"], (r["final_sharpness"], r["mean_accuracy"]), fontsize=8, xytext=(4, 2),
+                    textcoords="offset points")
+    k, b = np.polyfit(s, acc, 1)
+    xs = np.linspace(s.min(), s.max(), 10)
+    ax.plot(xs, k * xs + b, "C1--", label=f"r = {a.summary['r_final_sharpness_accuracy']:.4f}")
+    ax.set_xlabel(f"final {a.options.metric}")
+    ax.set_ylabel("mean downstream accuracy")
+    ax.set_title("Flatter end, better downstream accuracy?")
+    _legend(ax)
+    return fig
+
+
+def ablations(a: StudyAnalysis):
+    rows = a.tables.get("ablations") or []
+    if not rows:
+        return None
+    factors = sorted({r["factor"] for r in rows})
+    models = sorted({(r["n_params"], r["model"]) for r in rows})
+    fig, axes = plt.subplots(1, len(factors), figsize=(4 * len(factors), 3.6), squeeze=False)
+    for ax, factor in zip(axes[0], factors):
+        levels = sorted({r["level"] for r in rows if r["factor"] == factor})
+        grid = np.full((len(models), len(levels)), np.nan)
+        for r in rows:
+            if r["factor"] == factor:
+                grid[models.index((r["n_params"], r["model"])), levels.index(r["level"])] = r["peak_to_plateau"]
+                mark = "✓" if r["three_phase"] else "✗"
+                ax.text(levels.index(r["level"]), models.index((r["n_params"], r["model"])), mark,
+                        ha="center", va="center", fontsize=11, color="white" if r["three_phase"] else "red")
+        im = ax.imshow(grid, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(levels)), [f"{v:g}" for v in levels])
+        ax.set_yticks(range(len(models)), [m for _, m in models])
+        ax.set_xlabel(factor)
+        ax.set_ylabel("model")
+        fig.colorbar(im, ax=ax, label="peak / plateau")
+    fig.suptitle(f"Ablations: three-phase pattern kept in {a.summary['ablations_preserved']} (✓ kept, ✗ broken)")
+    fig.tight_layout()
+    return fig
+
+
+def pac_bayes(a: StudyAnalysis):
+    rows = a.tables["pac_bayes"]
+    n = [r["n_params"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(n, [r["bound"] for r in rows], "o-", label=f"equation, δ = {rows[0]['delta']:g}, m = {rows[0]['m']:g}")
+    ax.plot(n, [r["source_bound"] for r in rows], "s--", label="source's variant: √(S/m)·√(ln N)")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("PAC-Bayes bound")
+    ax.set_title("Sharpness-based PAC-Bayes bound")
+    _legend(ax)
+    return fig
+
+
+def measures(a: StudyAnalysis):
+    models = _by_model(a.group("scales"))
+    names = [row["measure"] for row in a.tables.get("measures", [])]
+    if len(names) < 2:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for color, g in zip(_colors(len(models)), models):
+            t, v = g[0].run.series(MEASURES[name])
+            ax.plot(t, v, color=color, lw=1, label=g[0].run.model)
+        ax.set_xlabel("training progress t")
+        ax.set_ylabel(MEASURES[name])
+        row = next(r for r in a.tables["measures"] if r["measure"] == name)
+        ax.set_title(f"{name}: slope {row['slope']:.3g}, R² {row['r2']:.3f}", fontsize=10)
+    _legend(axes[0][0], ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def schedules(a: StudyAnalysis):
+    runs = a.group("schedules")
+    if not runs:
+        return None
+    models = sorted({(r.run.n_params, r.run.model) for r in runs})
+    names = sorted({str(r.run.config.get("schedule")) for r in runs})
+    fig, axes = plt.subplots(1, len(models), figsize=(4.3 * len(models), 3.8), squeeze=False, sharey=False)
+    for ax, (_, model) in zip(axes[0], models):
+        for color, name in zip(plt.cm.tab10(np.arange(len(names))), names):
+            for r in runs:
+                if r.run.model == model and str(r.run.config.get("schedule")) == name:
+                    mark = "" if r.phases.preserved else " (broken)"
+                    ax.plot(r.t, r.sharpness, color=color, lw=1, label=f"{name}{mark}")
+        ax.set_title(model)
+        ax.set_xlabel("training progress t")
+        ax.set_ylabel(a.options.metric)
+        _legend(ax)
+    fig.suptitle("Learning-rate schedules")
+    fig.tight_layout()
+    return fig
+
+
+def extrapolation(a: StudyAnalysis):
+    law = a.scaling
+    rows = a.tables["extrapolation"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    n_max = max([law.n_params.max()] + [r["n_params"] for r in rows])
+    grid = np.logspace(np.log10(law.n_params.min()), np.log10(n_max) + 0.1, 100)
+    mean = law.loglinear.predict(np.log10(grid))
+    half = 1.96 * law.loglinear.mean_stderr(np.log10(grid))
+    ax.plot(law.n_params, law.values, "ko", label="fitted scales")
+    ax.plot(grid, mean, "C0-", label="log-linear fit")
+    ax.fill_between(grid, mean - half, mean + half, color="C0", alpha=0.2, label="95% interval of the mean")
+    ax.errorbar([r["n_params"] for r in rows], [r["predicted"] for r in rows],
+                yerr=[[r["predicted"] - r["lower"] for r in rows], [r["upper"] - r["predicted"] for r in rows]],
+                fmt="C0s", capsize=3, label="predicted")
+    obs = [r for r in rows if np.isfinite(r["observed"])]
+    if obs:
+        ax.plot([r["n_params"] for r in obs], [r["observed"] for r in obs], "C3^", ms=8, label="observed")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel(f"final {a.options.metric}")
+    ax.set_title("Extrapolation beyond the fitted scales")
+    _legend(ax)
+    return fig
+
+
+def phases(a: StudyAnalysis):
+    rows = a.tables["phases"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (key, label) in enumerate((("phase1", "t < 0.2"), ("phase2", "0.2 ≤ t < 0.6"), ("phase3", "t ≥ 0.6"))):
+        ax.bar(x + (i - 1) * 0.27, [r[key] for r in rows], width=0.27, label=label)
+    ax.set_xticks(x, [r["model"] for r in rows])
+    ax.set_xlabel("model")
+    ax.set_ylabel(f"mean {a.options.metric}")
+    ax.set_title("Phase means (fixed windows)")
+    _legend(ax)
+    return fig
+
+
+FIGURES: dict[str, Callable[[StudyAnalysis], object]] = {
+    "trajectories": trajectories, "loss": loss, "accuracy": accuracy, "scaling_law": scaling_law,
+    "sharpness_gradient": sharpness_gradient, "sharpness_accuracy": sharpness_accuracy,
+    "ablations": ablations, "pac_bayes": pac_bayes, "measures": measures, "schedules": schedules,
+    "extrapolation": extrapolation, "phases": phases,
+}
+
+
+def write_figures(a: StudyAnalysis, out: Path) -> dict[str, Path]:
+    """Render every figure that has data; returns name -> PNG path."""
+    import io
+
+    folder = Path(out) / "figures"
+    written = {}
+    for name, make in FIGURES.items():
+        fig = make(a)
+        if fig is None:
+            continue
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+        plt.close(fig)
+        path = folder / f"{name}.png"
+        atomic_write_bytes(path, buf.getvalue())
+        written[name] = path
+    return written

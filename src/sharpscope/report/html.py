@@ -1,0 +1,110 @@
+"""A self-contained HTML report: headline statistics, every table, every figure embedded."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+from ..analysis.study import StudyAnalysis
+from ..analysis.tables import format_value
+from ..runs import atomic_write_text
+
+FIGURE_CAPTIONS = {
+    "trajectories": "Sharpness over training at each scale; dotted lines mark the detected peak.",
+    "loss": "Training loss over training at each scale.",
+    "accuracy": "Downstream accuracy per task and its mean against model size.",
+    "scaling_law": "Final sharpness against model size with the log-linear and power-law fits.",
+    "sharpness_gradient": "Sharpness against gradient norm within each run, and the within-run correlations by scale.",
+    "sharpness_accuracy": "Final sharpness against mean downstream accuracy across scales.",
+    "ablations": "One-factor ablations: peak-to-plateau ratio and whether the three-phase pattern survives.",
+    "pac_bayes": "The PAC-Bayes bound as written (explicit δ) and the source's variant.",
+    "measures": "Critical sharpness, λ_max and trace per parameter over training.",
+    "schedules": "Sharpness under five learning-rate schedules.",
+    "extrapolation": "Log-linear extrapolation with 95% intervals of the fitted mean, against observed values.",
+    "phases": "Mean sharpness in the three fixed windows.",
+}
+
+TABLE_TITLES = {
+    "scales": "Scales", "downstream": "Downstream accuracy", "correlations": "Within-run correlations",
+    "phases": "Phases", "pac_bayes": "PAC-Bayes bound", "measures": "Three measures: log-linear fits",
+    "measures_by_scale": "Three measures: final values", "schedules": "Schedules", "ablations": "Ablations",
+    "extrapolation": "Extrapolation", "early_prediction": "Early prediction of final sharpness",
+}
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.7em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0;display:block;overflow-x:auto}
+th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}figure{margin:1.2em 0}
+img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+.headline td{text-align:left}.note{color:#666;font-size:.9em}
+"""
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p class='note'>No rows: the study has no runs of this kind.</p>"
+    cols: list[str] = []
+    for row in rows:
+        cols += [c for c in row if c not in cols]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_value(row.get(c)))}</td>" for c in cols) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _headline(a: StudyAnalysis) -> list[tuple[str, str]]:
+    s = a.summary
+    f = s["scaling_law"]
+    items = [
+        ("Runs analysed", f"{s['n_runs']} ({', '.join(s['sources'])})"),
+        ("Log-linear law", f"S_final = {f['slope']:.4f}·log10 N + {f['intercept']:.4f}, R² = {f['r2']:.4f}, r = {f['r']:.4f}"),
+        ("Log-linear vs power law (AIC)", f"{f['aic_loglinear']:.2f} vs {f['aic_power']:.2f} (power-law R² {f['power_r2']:.4f}); preferred: {f['preferred']}"),
+        ("Leave-one-out relative error", f"mean {f['loo_mean_pct']:.2f}%, max {f['loo_max_pct']:.2f}%"),
+        ("r(final sharpness, accuracy)", format_value(s["r_final_sharpness_accuracy"])),
+        ("r(final sharpness, final loss)", format_value(s["r_final_sharpness_loss"])),
+        ("Peak-to-plateau ratio", ", ".join(f"{k}: {v:.2f}" for k, v in s["peak_to_plateau"].items())),
+        ("Sharpness–gradient coupling", ", ".join(f"{k}: {v:.3f}" for k, v in s["coupling_sharpness_grad_norm"].items())),
+        ("Three-phase pattern (scale runs)", s["three_phase_scales"]),
+    ]
+    if s["ablations_by_factor"]:
+        items.append(("Ablations keeping the pattern", f"{s['ablations_preserved']} "
+                      f"({', '.join(f'{k} {v}' for k, v in s['ablations_by_factor'].items())})"))
+    if s["measure_correlations"]:
+        items.append(("Cross-measure correlation of finals",
+                      ", ".join(f"{k}: {v:.4f}" for k, v in s["measure_correlations"].items())))
+    for h, e in s["early_prediction"].items():
+        items.append((f"Early prediction from the first {float(h):.0%}",
+                      f"R² {format_value(e['r2'])} in sample, {format_value(e['loo_r2'])} leave-one-out (n = {e['n']})"))
+    return items
+
+
+def render_html(a: StudyAnalysis, figures: dict[str, Path], title: str = "sharpscope study report") -> str:
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<p class='note'>Metric: <code>{html.escape(a.options.metric)}</code>. Final value = mean of the "
+             "last 10% of logged points; peak = maximum; phase windows t &lt; 0.2, 0.2 ≤ t &lt; 0.6, t ≥ 0.6.</p>",
+             "<h2>Headline</h2><table class='headline'><tbody>"]
+    parts += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _headline(a)]
+    parts.append("</tbody></table>")
+    parts.append("<h2>Figures</h2>")
+    for name, path in figures.items():
+        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        caption = FIGURE_CAPTIONS.get(name, name)
+        parts.append(f"<figure id='fig-{name}'><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("<h2>Tables</h2>")
+    for name, rows in a.tables.items():
+        parts.append(f"<h3 id='table-{name}'>{html.escape(TABLE_TITLES.get(name, name))}</h3>{_table(rows)}")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_html(a: StudyAnalysis, figures: dict[str, Path], out: Path, title: str = "sharpscope study report") -> Path:
+    path = Path(out) / "report.html"
+    atomic_write_text(path, render_html(a, figures, title))
+    return path
