@@ -124,7 +124,7 @@ class ScheduleStudyConfig:
     scales: list[str] = field(default_factory=lambda: ["10M", "1.3B", "7B"])
     response: float = 0.2
     lag: float = 0.03
-    spike: float = 0.25
+    spike: float = 0.5
     spike_decay: float = 4.0
     wsd_decay_fraction: float = 0.2
     restart_cycle_fraction: float = 0.25
