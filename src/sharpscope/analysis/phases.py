@@ -105,10 +105,12 @@ def detect_three_phase(t, values, *, smooth_fraction: float = 0.05, edge: float 
         return PhaseResult(False, f"{100 * (1 - finite.mean()):.0f}% of the points are non-finite")
     order = np.argsort(t[finite], kind="stable")
     t, v = t[finite][order], v[finite][order]
-    span = t[-1] - t[0]
+    # Rescale before differencing so that huge but finite t cannot overflow the span.
+    t_scale = max(abs(t[0]), abs(t[-1])) or 1.0
+    span = t[-1] / t_scale - t[0] / t_scale
     if span <= 0:
         return PhaseResult(False, "all points share one t")
-    u = (t - t[0]) / span
+    u = (t / t_scale - t[0] / t_scale) / span
     sm = smooth(v, round(smooth_fraction * v.size))
     i_peak = int(np.argmax(sm))
     peak, start = float(sm[i_peak]), float(sm[0])
@@ -142,8 +144,14 @@ def detect_three_phase(t, values, *, smooth_fraction: float = 0.05, edge: float 
         res.reason = f"no plateau: the last {100 * plateau_window:.0f}% moves by {deviation / gap:.2f} of the drop"
         return res
     tw, vw = u[window], v[window]
-    if tw.size >= 3 and np.ptp(tw) > 0:
-        trend = abs(np.polyfit(tw, vw, 1)[0]) * np.ptp(tw)
+    if tw.size >= 4 and np.ptp(tw) > 0:
+        # Trend across the window, less two standard errors of the fitted slope: noise
+        # alone must not read as "still decaying".
+        (slope, icept), cov = np.polyfit(tw, vw, 1, cov="unscaled")
+        dof = tw.size - 2
+        resid = vw - (slope * tw + icept)
+        se = float(np.sqrt(max(cov[0, 0], 0.0) * float(resid @ resid) / dof))
+        trend = max(0.0, abs(slope) - 2.0 * se) * np.ptp(tw)
         if trend > trend_tol * gap:
             res.reason = f"no plateau: still trending by {trend / gap:.2f} of the drop over the last window"
             return res
