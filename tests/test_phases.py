@@ -201,7 +201,9 @@ curves = st.fixed_dictionaries({
     "hi": st.floats(1.0, 3.0),
     "sigma": st.sampled_from([0.0, 0.01, 0.03, 0.08]),
     "seed": st.integers(0, 2 ** 32 - 1),
-    "n": st.integers(10, 200),
+    # no grid point exactly on a window edge (u = 0.02, 0.6, 0.8): there a 1-ulp change of t
+    # legitimately moves the point across the edge, which would make the t-invariance flaky
+    "n": st.integers(10, 200).filter(lambda n: (n - 1) % 5 != 0),
 })
 
 

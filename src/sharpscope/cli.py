@@ -33,6 +33,15 @@ def _refuse_existing_study(out: Path, force: bool) -> None:
         raise UserError(f"'{out}' already holds runs; pass --force to replace them or choose another --out")
 
 
+def _remove_runs(out: Path) -> None:
+    """Delete the runs under ``out`` (and nothing else), so a replaced study has no leftovers."""
+    from .runs import find_runs
+
+    if out.is_dir():
+        for run_dir in find_runs(out):
+            shutil.rmtree(run_dir)
+
+
 # --- simulate --------------------------------------------------------------------------
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -48,6 +57,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _refuse_existing_study(out, args.force)
     t0 = time.perf_counter()
     planned = plan_study(cfg)  # validates before anything is written
+    if args.force:
+        _remove_runs(out)
     paths = write_study(cfg, out)
     print(f"simulated {len(paths)} runs ({n_trajectories(planned)} trajectories) in "
           f"{time.perf_counter() - t0:.2f} s -> {out}")
@@ -91,13 +102,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def _read_columns(path: Path, x: str, y: str) -> tuple[list[str], list[str]]:
     if not path.is_file():
         raise UserError(f"table '{path}' not found; pass the path of a CSV file")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        for col, flag in ((x, "--x"), (y, "--y")):
-            if col not in header:
-                raise UserError(f"column '{col}' ({flag}) is not in {path}; its columns are: {', '.join(header)}")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            for col, flag in ((x, "--x"), (y, "--y")):
+                if col not in header:
+                    raise UserError(f"column '{col}' ({flag}) is not in {path}; its columns are: {', '.join(header)}")
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save the table as a UTF-8 CSV") from None
     return [r[x] for r in rows], [r[y] for r in rows]
 
 
@@ -152,6 +166,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     study = out / "simulated"
+    for path in (out, study, out / "report"):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"'{path}' exists and is not a directory; choose another --out")
     if study.exists():
         shutil.rmtree(study)  # the demo owns its output folder and always starts it afresh
     t0 = time.perf_counter()

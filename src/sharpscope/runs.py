@@ -107,7 +107,8 @@ class RunWriter:
 
     def truncate_after(self, step: int) -> None:
         self._fh.close()
-        rows = [r for r in _read_metrics(self.path / METRICS_FILE) if r["step"] <= step]
+        rows = [{k: v for k, v in r.items() if k != _LINE}
+                for r in _read_metrics(self.path / METRICS_FILE) if r["step"] <= step]
         atomic_write_text(self.path / METRICS_FILE, "".join(metrics_line(r) + "\n" for r in rows))
         self._fh = open(self.path / METRICS_FILE, "a", encoding="utf-8")
 
@@ -147,8 +148,22 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             if not isinstance(row, dict) or "step" not in row:
                 raise UserError(f"{path}:{lineno}: a metrics line must be a JSON object with a 'step'; "
                                 "fix or delete that line")
+            for key in ("step", "t"):
+                value = row.get(key)
+                if (key == "step" or value is not None) and not _is_number(value):
+                    raise UserError(f"{path}:{lineno}: '{key}' must be a number, got {value!r}; "
+                                    "fix or delete that line")
+            row[_LINE] = lineno
             rows.append(row)
     return rows
+
+
+_LINE = "\0line"
+"""Private key holding a row's line number in metrics.jsonl, for error messages."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -180,6 +195,7 @@ class Run:
         out: set[str] = set()
         for row in self.metrics:
             out.update(row)
+        out.discard(_LINE)
         return out
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +210,9 @@ class Run:
                 t = row.get("t")
                 ts.append(float(t) if t is not None else row["step"] / last_step)
                 v = row[key]
+                if v is not None and not _is_number(v):
+                    raise UserError(f"{self.path / METRICS_FILE}:{row.get(_LINE, '?')}: '{key}' must be a number "
+                                    f"or null, got {v!r}; fix or delete that line")
                 vs.append(np.nan if v is None else float(v))
         return np.asarray(ts, dtype=float), np.asarray(vs, dtype=float)
 

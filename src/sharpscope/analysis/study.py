@@ -3,7 +3,8 @@
 Source-agnostic: it reads runs in the shared format and never the simulator's parameters,
 so measured runs go through exactly the same code. Runs are grouped by their config's
 ``group`` ("scales" when absent); runs of one ``model`` (other seeds) are averaged in the
-per-model tables and kept apart in the regressions.
+per-model tables and the scaling fits (with a standard deviation column), and kept apart in
+the early-prediction regression.
 """
 
 from __future__ import annotations
@@ -69,12 +70,10 @@ class RunSummary:
 
 def _aligned(run: Run, key_a: str, key_b: str) -> tuple[np.ndarray, np.ndarray]:
     """Values of two metrics on the rows that log both."""
-    a, b = [], []
-    for row in run.metrics:
-        if key_a in row and key_b in row and row[key_a] is not None and row[key_b] is not None:
-            a.append(float(row[key_a]))
-            b.append(float(row[key_b]))
-    return np.asarray(a), np.asarray(b)
+    t_a, a = run.series(key_a)  # series() validates the values
+    t_b, b = run.series(key_b)
+    common, ia, ib = np.intersect1d(t_a, t_b, return_indices=True)
+    return a[ia], b[ib]
 
 
 def summarize_run(run: Run, opts: AnalysisOptions) -> RunSummary:
