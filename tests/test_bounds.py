@@ -84,7 +84,6 @@ def test_model_size_must_exceed_one(n):
         pac_bayes_bound([1.0, 1.0], [1e6, n])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: m=NaN passes the 'm <= 0' check and silently returns NaN bounds")
 def test_nan_m_raises_user_error():
     with pytest.raises(UserError):
         pac_bayes_bound(S, N, m=float("nan"))

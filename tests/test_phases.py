@@ -43,28 +43,13 @@ def test_clean_curve_is_preserved():
     assert r.n_spikes == 0
 
 
-@pytest.mark.parametrize("sigma", [0.01, 0.02, 0.03])
+@pytest.mark.parametrize("sigma", [0.01, 0.03, 0.05, 0.07, 0.1])
 @pytest.mark.parametrize("seed", range(8))
 def test_noisy_curve_is_preserved(seed, sigma):
     v = three_phase() + np.random.default_rng(seed).normal(0.0, sigma, T.size)
     r = detect(T, v)
     assert r.preserved, r.reason
     assert r.t_peak == pytest.approx(0.15, abs=0.05)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "detector bug: with constant white noise sigma=0.1 the clean curve is rejected for some seeds "
-    "('no plateau: still trending by 0.17 of the drop'), e.g. seed 1; the trend test compares a "
-    "least-squares slope over ~40 noisy points with 0.15 x drop without allowing for its standard error"))
-def test_noisy_curve_is_preserved_up_to_sigma_0_1():
-    failures = []
-    for sigma in (0.05, 0.07, 0.1):
-        for seed in range(10):
-            v = three_phase() + np.random.default_rng(seed).normal(0.0, sigma, T.size)
-            r = detect(T, v)
-            if not r.preserved:
-                failures.append((sigma, seed, r.reason))
-    assert failures == []
 
 
 @pytest.mark.parametrize("name, values, needle", [
@@ -154,12 +139,10 @@ def test_shape_mismatch_raises_value_error():
 
 
 any_float = st.floats(allow_nan=True, allow_infinity=True)
-# t values whose differences cannot overflow (see test_overflowing_t_span_does_not_raise)
-safe_t = st.one_of(st.floats(-1e300, 1e300), st.sampled_from([np.nan, np.inf, -np.inf]))
 
 
 @PROPS
-@given(st.integers(0, 50).flatmap(lambda n: st.tuples(st.lists(safe_t, min_size=n, max_size=n),
+@given(st.integers(0, 50).flatmap(lambda n: st.tuples(st.lists(any_float, min_size=n, max_size=n),
                                                       st.lists(any_float, min_size=n, max_size=n))))
 def test_never_raises_on_arbitrary_floats(tv):
     t, v = (np.asarray(a, dtype=float) for a in tv)
@@ -182,14 +165,20 @@ def test_never_raises_on_arbitrary_values_over_a_grid(values):
         assert r.reason
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "bug: finite t values whose span overflows (t[-1] - t[0] = inf) make u NaN/0, the plateau window "
-    "empty, and np.max over it raises 'zero-size array to reduction operation maximum'"))
 def test_overflowing_t_span_does_not_raise():
+    # finite t whose difference overflows (t[-1] - t[0] = inf) once emptied the plateau window
     t = np.array([0.0] * 10 + [9.9792015476736e291, -1.7976931348623157e308])
     v = np.array([0.0] * 10 + [1.0, 0.0])
     r = detect(t, v)
     assert not r.preserved and r.reason
+
+
+def test_huge_t_range_still_detects():
+    t = np.linspace(-1.0, 1.0, T.size) * 1.7e308  # t[-1] - t[0] overflows
+    r = detect(t, three_phase())
+    ref = detect(T, three_phase())
+    assert r.preserved, r.reason
+    assert r.peak == ref.peak and r.plateau == ref.plateau
 
 
 # --------------------------------------------------------------------------- invariances

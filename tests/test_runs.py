@@ -22,6 +22,11 @@ CONFIG = {"name": "10M", "n_params": 10_000_000, "source": "simulated", "group":
           "nested": {"lr": 3e-4, "tags": ["a", "b"]}}
 
 
+def visible(rows):
+    """Rows as logged: the reader may attach private bookkeeping keys (NUL-prefixed) to each row."""
+    return [{k: v for k, v in r.items() if not k.startswith("\0")} for r in rows]
+
+
 def rows_for(n=5):
     return [{"step": i, "t": i / (n - 1), "tokens": 1000 * i, "lr": 1e-3, "sharpness/critical": 1.0 + i}
             for i in range(n)]
@@ -50,7 +55,7 @@ def test_write_read_round_trip(tmp_path):
 
     run = read_run(out)
     assert run.config == CONFIG
-    assert run.metrics == parsed
+    assert visible(run.metrics) == parsed
     assert run.name == "10M"
     assert run.n_params == 1e7
     assert run.group == "scales"
@@ -106,13 +111,21 @@ def test_metrics_round_trip_property(tmp_path_factory, extras):
     path = tmp_path_factory.mktemp("prop") / "run"
     run = read_run(write_run(path, CONFIG, rows))
     assert len(run.metrics) == len(rows)
-    for got, want in zip(run.metrics, rows):
+    for got, want in zip(visible(run.metrics), rows):
         assert got.keys() == want.keys()
         for k, w in want.items():
             if isinstance(w, float) and not math.isfinite(w):
                 assert got[k] is None
             else:
                 assert got[k] == w and type(got[k]) is type(w)
+
+
+def test_copying_a_run_writes_only_logged_keys(tmp_path):
+    src = read_run(write_run(tmp_path / "a", CONFIG, rows_for(3)))
+    write_run(tmp_path / "b", src.config, src.metrics)
+    text = (tmp_path / "b" / METRICS_FILE).read_text()
+    assert "\\u0000" not in text
+    assert [json.loads(line) for line in text.splitlines()] == rows_for(3)
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -210,6 +223,53 @@ def test_line_without_step_names_file_and_line(tmp_path):
 def test_non_object_line_is_rejected(tmp_path):
     p = _make_run(tmp_path / "r", '{"step": 0}\n[1, 2]\n')
     with pytest.raises(UserError, match=":2:"):
+        read_run(p)
+
+
+@pytest.mark.parametrize("line, key", [
+    ('{"step": "3"}', "step"),
+    ('{"step": null}', "step"),
+    ('{"step": true}', "step"),
+    ('{"step": 1, "t": "half"}', "t"),
+    ('{"step": 1, "t": [0.5]}', "t"),
+])
+def test_non_numeric_step_or_t_is_rejected(tmp_path, line, key):
+    p = _make_run(tmp_path / "r", '{"step": 0}\n' + line + "\n")
+    with pytest.raises(UserError) as err:
+        read_run(p)
+    assert f"{p / METRICS_FILE}:2:" in str(err.value)
+    assert f"'{key}'" in str(err.value)
+
+
+def test_null_t_falls_back_to_step(tmp_path):
+    p = _make_run(tmp_path / "r", '{"step": 0, "t": null, "x": 1}\n{"step": 4, "x": 2}\n')
+    t, v = read_run(p).series("x")
+    np.testing.assert_array_equal(t, [0.0, 1.0])
+    np.testing.assert_array_equal(v, [1.0, 2.0])
+
+
+@pytest.mark.parametrize("value", ['"1.5"', "true", "[1]", '{"a": 1}'])
+def test_non_numeric_metric_value_is_rejected_by_series(tmp_path, value):
+    p = _make_run(tmp_path / "r", '{"step": 0, "x": 1}\n\n{"step": 1, "x": ' + value + "}\n")
+    run = read_run(p)
+    assert run.series("other")[0].size == 0  # other keys still readable
+    with pytest.raises(UserError) as err:
+        run.series("x")
+    assert f"{p / METRICS_FILE}:3:" in str(err.value)
+    assert "'x'" in str(err.value)
+
+
+def test_non_utf8_metrics_is_user_error(tmp_path):
+    p = _make_run(tmp_path / "r", "")
+    (p / METRICS_FILE).write_bytes(b'{"step": 0}\n{"step": 1, "x": "\xff"}\n')
+    with pytest.raises(UserError):
+        read_run(p)
+
+
+def test_non_utf8_config_is_user_error(tmp_path):
+    p = _make_run(tmp_path / "r", "")
+    (p / CONFIG_FILE).write_bytes(b'{"n_params": 1, "source": "simulated", "name": "\xff"}')
+    with pytest.raises(UserError):
         read_run(p)
 
 

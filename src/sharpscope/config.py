@@ -62,13 +62,18 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise UserError(f"config key '{where}' must be true or false, got {value!r}")
     if annotation is int:
         try:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool):
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and ("e" in value.lower()) else int(value)
-        except (TypeError, ValueError):
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError
+            return int(number)
+        except (TypeError, ValueError, OverflowError):
             raise UserError(f"config key '{where}' must be an integer, got {value!r}") from None
     if annotation is float:
         try:
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
         except (TypeError, ValueError):
             raise UserError(f"config key '{where}' must be a number, got {value!r}") from None
@@ -134,6 +139,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
                 data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise UserError(f"config file '{path}' is not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"config file '{path}' is not UTF-8 text; save it as UTF-8") from None
     if overrides:
         data = _merge(data, parse_overrides(overrides))
     return from_dict(cls, data)

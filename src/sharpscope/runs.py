@@ -107,8 +107,7 @@ class RunWriter:
 
     def truncate_after(self, step: int) -> None:
         self._fh.close()
-        rows = [{k: v for k, v in r.items() if k != _LINE}
-                for r in _read_metrics(self.path / METRICS_FILE) if r["step"] <= step]
+        rows = [r for r in _read_metrics(self.path / METRICS_FILE) if r["step"] <= step]
         atomic_write_text(self.path / METRICS_FILE, "".join(metrics_line(r) + "\n" for r in rows))
         self._fh = open(self.path / METRICS_FILE, "a", encoding="utf-8")
 
@@ -132,12 +131,14 @@ def _check_config(config: dict[str, Any], where: Path) -> None:
         raise UserError(f"{where}: 'source' must be \"simulated\" or \"measured\", got {config.get('source')!r}")
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def _read_metrics(path: Path, line_numbers: list[int] | None = None) -> list[dict[str, Any]]:
+    """Rows of a metrics file; their line numbers are appended to ``line_numbers`` if given."""
     rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        lines = _lines_of(fh, path)
+        for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -153,13 +154,17 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
                 if (key == "step" or value is not None) and not _is_number(value):
                     raise UserError(f"{path}:{lineno}: '{key}' must be a number, got {value!r}; "
                                     "fix or delete that line")
-            row[_LINE] = lineno
             rows.append(row)
+            if line_numbers is not None:
+                line_numbers.append(lineno)
     return rows
 
 
-_LINE = "\0line"
-"""Private key holding a row's line number in metrics.jsonl, for error messages."""
+def _lines_of(fh, path: Path) -> list[str]:
+    try:
+        return fh.readlines()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); the run format is UTF-8 JSON") from None
 
 
 def _is_number(value: Any) -> bool:
@@ -173,6 +178,8 @@ class Run:
     path: Path
     config: dict[str, Any]
     metrics: list[dict[str, Any]] = field(repr=False)
+    line_numbers: list[int] | None = field(default=None, repr=False)
+    """Line of each metrics row in metrics.jsonl (for error messages)."""
 
     @property
     def name(self) -> str:
@@ -195,7 +202,6 @@ class Run:
         out: set[str] = set()
         for row in self.metrics:
             out.update(row)
-        out.discard(_LINE)
         return out
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -205,13 +211,13 @@ class Run:
         """
         last_step = max((r["step"] for r in self.metrics), default=0) or 1
         ts, vs = [], []
-        for row in self.metrics:
+        for index, row in enumerate(self.metrics):
             if key in row:
                 t = row.get("t")
                 ts.append(float(t) if t is not None else row["step"] / last_step)
                 v = row[key]
                 if v is not None and not _is_number(v):
-                    raise UserError(f"{self.path / METRICS_FILE}:{row.get(_LINE, '?')}: '{key}' must be a number "
+                    raise UserError(f"{self.path / METRICS_FILE}:{self.line_numbers[index] if self.line_numbers else '?'}: '{key}' must be a number "
                                     f"or null, got {v!r}; fix or delete that line")
                 vs.append(np.nan if v is None else float(v))
         return np.asarray(ts, dtype=float), np.asarray(vs, dtype=float)
@@ -229,12 +235,16 @@ def read_run(path: str | Path) -> Run:
         raise UserError(f"'{path}' is not a run: it has no {CONFIG_FILE}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{config_path}: not UTF-8 text; the run format is UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
     if not isinstance(config, dict):
         raise UserError(f"{config_path}: must hold a JSON object")
     _check_config(config, config_path)
-    return Run(path=path, config=config, metrics=_read_metrics(path / METRICS_FILE))
+    line_numbers: list[int] = []
+    metrics = _read_metrics(path / METRICS_FILE, line_numbers)
+    return Run(path=path, config=config, metrics=metrics, line_numbers=line_numbers)
 
 
 def find_runs(study: str | Path) -> list[Path]:

@@ -18,7 +18,7 @@ from ..errors import UserError
 def pac_bayes_bound(sharpness, n_params, m: float = 1e5, delta: float = 0.05) -> np.ndarray:
     s = np.asarray(sharpness, dtype=float)
     n = np.asarray(n_params, dtype=float)
-    if m <= 0 or not 0 < delta < 1:
+    if not m > 0 or not 0 < delta < 1:
         raise UserError(f"PAC-Bayes needs m > 0 and 0 < delta < 1, got m={m}, delta={delta}")
     if np.any(n <= 1):
         raise UserError("PAC-Bayes needs model sizes above 1 parameter")
