@@ -80,7 +80,7 @@ def write_run(path: str | Path, config: dict[str, Any], rows: Iterable[dict[str,
     path = Path(path)
     _check_config(config, path / CONFIG_FILE)
     atomic_write_text(path / METRICS_FILE, "".join(metrics_line(r) + "\n" for r in rows))
-    atomic_write_text(path / CONFIG_FILE, json.dumps(_clean(config), indent=2, allow_nan=False) + "\n")
+    _write_config(path, config)
     return path
 
 
@@ -96,7 +96,7 @@ class RunWriter:
         self.path = Path(path)
         _check_config(config, self.path / CONFIG_FILE)
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path / CONFIG_FILE, json.dumps(_clean(config), indent=2, allow_nan=False) + "\n")
+        _write_config(self.path, config)
         self._fh = open(self.path / METRICS_FILE, "a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
@@ -119,6 +119,10 @@ class RunWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(_clean(config), indent=2, allow_nan=False) + "\n")
 
 
 def _check_config(config: dict[str, Any], where: Path) -> None:

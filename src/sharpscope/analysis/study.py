@@ -68,33 +68,31 @@ class RunSummary:
         return float(np.mean(list(self.accuracy.values()))) if self.accuracy else float("nan")
 
 
-def _aligned(run: Run, key_a: str, key_b: str) -> tuple[np.ndarray, np.ndarray]:
-    """Values of two metrics on the rows that log both."""
-    t_a, a = run.series(key_a)  # series() validates the values
-    t_b, b = run.series(key_b)
-    common, ia, ib = np.intersect1d(t_a, t_b, return_indices=True)
-    return a[ia], b[ib]
+def _correlation(t_a: np.ndarray, a: np.ndarray, t_b: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of two series on the points (same t) that both log."""
+    _, ia, ib = np.intersect1d(t_a, t_b, return_indices=True)
+    return pearson(a[ia], b[ib])
 
 
 def summarize_run(run: Run, opts: AnalysisOptions) -> RunSummary:
-    t, s = run.series(opts.metric)
+    t, s = run.series(opts.metric)  # each series is read (and validated) once
     if t.size == 0:
         raise UserError(f"run '{run.path}' logs no '{opts.metric}'; pick the sharpness metric with --metric")
-    _, loss = run.series(LOSS)
+    t_loss, loss = run.series(LOSS)
+    t_grad, grad = run.series(GRAD_NORM)
     accuracy = {k[len(ACC_PREFIX):]: run.last(k) for k in sorted(run.keys()) if k.startswith(ACC_PREFIX)}
     accuracy = {k: v for k, v in accuracy.items() if math.isfinite(v)}
     measure_finals, measure_r = {}, {}
     for name, key in MEASURES.items():
-        _, values = run.series(key)
+        t_m, values = (t, s) if key == opts.metric else run.series(key)
         if values.size:
             measure_finals[name] = final_value(values)
-            a, b = _aligned(run, opts.metric, key)
-            measure_r[name] = pearson(a, b)
+            measure_r[name] = _correlation(t, s, t_m, values)
     return RunSummary(
         run=run, t=t, sharpness=s, peak=peak_value(s), final=final_value(s),
         final_loss=final_value(loss) if loss.size else float("nan"), accuracy=accuracy,
         phases=detect_three_phase(t, s), phase_means=phase_means(t, s),
-        r_loss=pearson(*_aligned(run, opts.metric, LOSS)), r_grad=pearson(*_aligned(run, opts.metric, GRAD_NORM)),
+        r_loss=_correlation(t, s, t_loss, loss), r_grad=_correlation(t, s, t_grad, grad),
         measure_finals=measure_finals, measure_r=measure_r,
         early={h: early_mean(t, s, h) for h in opts.early_horizons})
 

@@ -31,6 +31,13 @@ def _legend(ax, **kw):
         ax.legend(fontsize=8, **kw)
 
 
+def _size_axis(ax, ylabel: str) -> None:
+    """Model size on a log x axis, the layout of every across-scale figure."""
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel(ylabel)
+
+
 def trajectories(a: StudyAnalysis):
     models = _by_model(a.group("scales"))
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -75,9 +82,7 @@ def accuracy(a: StudyAnalysis):
     for color, task in zip(_colors(len(tasks)), tasks):
         ax.plot(n, [r[task] for r in rows], "o-", color=color, lw=1, ms=4, label=task)
     ax.plot(n, [r["mean_accuracy"] for r in rows], "ks-", lw=2, label="mean")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel("downstream accuracy")
+    _size_axis(ax, "downstream accuracy")
     ax.set_title("Downstream accuracy by scale")
     _legend(ax, ncol=2)
     return fig
@@ -93,9 +98,7 @@ def scaling_law(a: StudyAnalysis):
             label=f"log-linear: {fit.slope:.4f} log10 N + {fit.intercept:.4f} (R² {fit.r2:.4f}, AIC {fit.aic_loglinear:.2f})")
     ax.plot(grid, law.power_predict(grid), "C1--",
             label=f"power law: N^{fit.power_exponent:.4f} (R² {fit.power_r2:.4f}, AIC {fit.aic_power:.2f})")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel(f"final {a.options.metric}")
+    _size_axis(ax, f"final {a.options.metric}")
     ax.set_title("Scaling law of final sharpness")
     _legend(ax)
     return fig
@@ -121,9 +124,7 @@ def sharpness_gradient(a: StudyAnalysis):
     ax1.set_xlabel(GRAD_NORM)
     ax1.set_ylabel(a.options.metric)
     ax1.set_title("Sharpness against gradient norm")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("parameters N")
-    ax2.set_ylabel("within-run Pearson r")
+    _size_axis(ax2, "within-run Pearson r")
     ax2.set_title("Coupling by scale")
     _legend(ax1, ncol=2)
     _legend(ax2)
@@ -185,9 +186,7 @@ def pac_bayes(a: StudyAnalysis):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(n, [r["bound"] for r in rows], "o-", label=f"equation, δ = {rows[0]['delta']:g}, m = {rows[0]['m']:g}")
     ax.plot(n, [r["source_bound"] for r in rows], "s--", label="source's variant: √(S/m)·√(ln N)")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel("PAC-Bayes bound")
+    _size_axis(ax, "PAC-Bayes bound")
     ax.set_title("Sharpness-based PAC-Bayes bound")
     _legend(ax)
     return fig
@@ -251,9 +250,7 @@ def extrapolation(a: StudyAnalysis):
     obs = [r for r in rows if np.isfinite(r["observed"])]
     if obs:
         ax.plot([r["n_params"] for r in obs], [r["observed"] for r in obs], "C3^", ms=8, label="observed")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel(f"final {a.options.metric}")
+    _size_axis(ax, f"final {a.options.metric}")
     ax.set_title("Extrapolation beyond the fitted scales")
     _legend(ax)
     return fig
