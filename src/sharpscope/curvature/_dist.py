@@ -1,0 +1,58 @@
+"""torch.distributed participation: every rank takes the same decisions.
+
+Each rank evaluates the loss on its own shard of the global batch; losses and
+Hessian-vector products are averaged over ranks, so the global objective is the mean over
+ranks (shards of equal size give exactly the loss of the global batch). The line search
+and the solvers then branch on identical numbers on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_group(distributed: bool | str, group=None):
+    """The process group to reduce over, or None for a single-process measurement."""
+    if distributed not in (True, False, "auto"):
+        raise ValueError(f"distributed must be True, False or 'auto', not {distributed!r}")
+    initialized = dist.is_available() and dist.is_initialized()
+    if distributed is True and not initialized:
+        raise ValueError(
+            "distributed=True but torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group first or pass distributed=False"
+        )
+    if distributed is False or not initialized:
+        return None
+    if dist.get_world_size(group) == 1:
+        return None
+    return group if group is not None else dist.group.WORLD
+
+
+def _reduce_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mean_floats(values: Sequence[float], group) -> list[float]:
+    """Average host floats over the ranks of ``group`` (identity when group is None)."""
+    values = [float(v) for v in values]
+    if group is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_reduce_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    t /= dist.get_world_size(group)
+    return [float(x) for x in t.cpu()]
+
+
+def mean_tensors_(tensors: Sequence[torch.Tensor], group) -> None:
+    """Average tensors over ranks in place."""
+    if group is None:
+        return
+    world = dist.get_world_size(group)
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        t.div_(world)

@@ -1,0 +1,103 @@
+"""Evaluating the measured objective: the mean loss over one or several batches.
+
+Every curvature routine goes through here so that batches, autocast, dropout masks and
+ranks are handled once:
+
+* ``batches``: a Python ``list`` means several batches and the objective is their
+  unweighted mean; anything else (a tensor, a tuple ``(x, y)``, a dict) is one batch.
+* ``autocast``: a dtype such as ``torch.bfloat16`` runs ``loss_fn`` under
+  ``torch.autocast``; the loss is cast to float32 and the mean taken in float64.
+* In train mode (dropout active) every evaluation of batch ``i`` reseeds the RNG with
+  ``seed + i`` so that every probe sees the same dropout masks, which makes the loss a
+  deterministic function of the parameters. The caller's RNG state is restored by the
+  state guard.
+* Attention runs on the math kernel whenever derivatives of derivatives are taken: the
+  flash and memory-efficient kernels have neither double backward nor forward-mode AD.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import _dist
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+def as_batch_list(batches: Any) -> list:
+    if isinstance(batches, list):
+        if not batches:
+            raise ValueError("batches is an empty list; give at least one batch")
+        return batches
+    return [batches]
+
+
+def _device_type(model: torch.nn.Module) -> str:
+    for p in model.parameters():
+        return p.device.type
+    return "cpu"
+
+
+class Objective:
+    """The measured objective L(θ) = mean_i loss_fn(model, batches[i]), over all ranks."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        batches: Any,
+        *,
+        autocast: torch.dtype | None = None,
+        seed: int = 0,
+        distributed: bool | str = "auto",
+        process_group=None,
+    ):
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> 0-dim tensor")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = as_batch_list(batches)
+        self.autocast = autocast
+        self.seed = int(seed)
+        self.group = _dist.resolve_group(distributed, process_group)
+        self.calls = 0
+
+    @contextlib.contextmanager
+    def _context(self, index: int, second_order: bool):
+        with contextlib.ExitStack() as stack:
+            if self.model.training:
+                cuda = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
+                stack.enter_context(torch.random.fork_rng(devices=cuda))
+                torch.manual_seed(self.seed + index)
+            if self.autocast is not None:
+                stack.enter_context(
+                    torch.autocast(device_type=_device_type(self.model), dtype=self.autocast)
+                )
+            if second_order:
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            yield
+
+    def loss(self, index: int, *, second_order: bool = False) -> torch.Tensor:
+        """The differentiable loss of batch ``index`` (local to this rank)."""
+        with self._context(index, second_order):
+            out = self.loss_fn(self.model, self.batches[index])
+        if not isinstance(out, torch.Tensor) or out.dim() != 0:
+            raise TypeError(
+                "loss_fn must return a 0-dim tensor (the mean loss of the batch), got "
+                + (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__)
+            )
+        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+    def value(self) -> float:
+        """L(θ) at the model's current parameters, forward passes only (float64 mean)."""
+        self.calls += 1
+        total = 0.0
+        with torch.no_grad():
+            for i in range(len(self.batches)):
+                total += float(self.loss(i).double())
+        local = total / len(self.batches)
+        return _dist.mean_floats([local], self.group)[0]

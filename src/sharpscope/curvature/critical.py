@@ -1,0 +1,495 @@
+"""Critical sharpness: the curvature along an update direction, from forward passes only.
+
+The critical learning rate η_c along a direction d is the smallest η > 0 with
+L(θ − η·d) > L(θ) on one fixed objective; the critical sharpness is λ_c = 2/η_c. For a
+quadratic loss, L(θ − ηd) = L − η·gᵀd + ½η²·dᵀHd, so η_c = 2·gᵀd/dᵀHd and
+λ_c = dᵀHd/gᵀd (for d = g a weighted mean of Hessian eigenvalues, so λ_c ≤ λ_max).
+
+Two searches with the same stopping rule (a bracket [η_lo, η_hi] verified by probes,
+L(η_lo) ≤ L0 < L(η_hi), with 1 − η_lo/η_hi ≤ rtol):
+
+* ``method="paper"``: the reference search. Double η from η0 while the loss does not
+  increase (halve while it does) until a bracket exists, then bisect it. η_c is the
+  bracket's midpoint.
+* ``method="fast"``: uses the fact that f(η) = (L(θ − ηd) − L0)/η is linear in η for a
+  quadratic profile, with its root at η_c. Each probe is placed where a secant on f
+  predicts the root, or where it would close the bracket in one step; the bracket
+  invariant is never given up, so the answer is always verified by probes. η_c is the
+  linear interpolation of f between the bracketing probes (exact for a quadratic).
+  A warm start (the previous result) supplies both η0 and the slope of f, which makes a
+  good first prediction possible from a single probe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from . import _vectors as vec
+from ._evaluate import LossFn, Objective
+from ._state import StateGuard, trainable_parameters, unwrap_model
+
+__all__ = [
+    "CriticalSharpnessResult",
+    "NonFiniteLossError",
+    "critical_sharpness",
+    "relative_critical_sharpness",
+    "update_direction",
+]
+
+STATUSES = {
+    "ok": "bracket found and narrowed to rtol",
+    "zero_direction": "the direction is zero",
+    "not_descent": "the loss increases for every step size tried: not a descent direction",
+    "no_increase": "the loss does not increase for any step size tried, up to eta_max",
+    "max_evals": "the evaluation budget ran out before the bracket reached rtol",
+}
+
+
+# Largest factor one fast-search probe may move away from the probes so far.
+MAX_GROWTH = 64.0
+
+
+class NonFiniteLossError(ValueError):
+    """The loss at the starting point is NaN or infinite: there is nothing to compare to."""
+
+
+@dataclass
+class CriticalSharpnessResult:
+    """Outcome of one critical-sharpness search.
+
+    ``sharpness`` is 2/η_c and ``eta`` is η_c when a bracket was found (status "ok", or
+    "max_evals" with a wider bracket); otherwise both are NaN and ``message`` says why.
+    ``evals`` counts loss evaluations including the baseline. ``probes`` lists every
+    (η, L(θ − η·d)) in evaluation order. ``slope`` is the slope of
+    f(η) = (L(θ − ηd) − L0)/η across the final bracket (½·dᵀHd for a quadratic); the
+    fast search uses it to warm-start the next measurement.
+    """
+
+    sharpness: float
+    eta: float
+    evals: int
+    status: str
+    method: str
+    rtol: float
+    loss0: float
+    bracket: tuple[float, float] = (math.nan, math.nan)
+    probes: list[tuple[float, float]] = field(default_factory=list)
+    slope: float = math.nan
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def as_metrics(self, prefix: str = "sharpness/") -> dict[str, float]:
+        """Run-format metrics: critical sharpness, critical lr and the evaluation count."""
+        return {
+            f"{prefix}critical": self.sharpness,
+            f"{prefix}eta_c": self.eta,
+            f"{prefix}evals": float(self.evals),
+        }
+
+
+class _Profile:
+    """Loss along θ0 − η·d, with the probes recorded."""
+
+    def __init__(self, objective: Objective, params, origin, direction, loss0: float):
+        self.objective = objective
+        self.params = params
+        self.origin = origin
+        self.direction = direction
+        self.loss0 = loss0
+        self.probes: list[tuple[float, float]] = []
+
+    def f(self, eta: float) -> float:
+        """(L(θ0 − η·d) − L0)/η; +inf when the loss is not finite (counts as increased)."""
+        with torch.no_grad():
+            for p, o, d in zip(self.params, self.origin, self.direction):
+                p.copy_(o).add_(d, alpha=-eta)
+        loss = self.objective.value()
+        self.probes.append((eta, loss))
+        if not math.isfinite(loss):
+            return math.inf
+        return (loss - self.loss0) / eta
+
+    @property
+    def evals(self) -> int:
+        return len(self.probes) + 1
+
+
+def _secant_root(a: tuple[float, float], b: tuple[float, float]) -> float | None:
+    """Root of the line through (η, f) points a and b, if it rises (positive slope)."""
+    (x1, f1), (x2, f2) = a, b
+    if not (math.isfinite(f1) and math.isfinite(f2)) or x1 == x2:
+        return None
+    slope = (f2 - f1) / (x2 - x1)
+    if not slope > 0:
+        return None
+    return x1 - f1 / slope
+
+
+class _Bracket:
+    """Largest probed η with f ≤ 0 (lo) and smallest with f > 0 (hi)."""
+
+    def __init__(self):
+        self.lo: tuple[float, float] | None = None
+        self.hi: tuple[float, float] | None = None
+        self.below: list[tuple[float, float]] = []  # probes with f <= 0, ascending η
+        self.above: list[tuple[float, float]] = []  # probes with f > 0, ascending η
+
+    def add(self, eta: float, f: float) -> None:
+        if f > 0:
+            self.above.append((eta, f))
+            self.above.sort()
+            self.hi = self.above[0]
+        else:
+            self.below.append((eta, f))
+            self.below.sort()
+            self.lo = self.below[-1]
+
+    def closed(self, rtol: float) -> bool:
+        return (
+            self.lo is not None and self.hi is not None and 1.0 - self.lo[0] / self.hi[0] <= rtol
+        )
+
+
+def _paper_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals) -> str:
+    eta = eta0
+    f = profile.f(eta)
+    bracket.add(eta, f)
+    if f <= 0:
+        while bracket.hi is None:
+            eta *= 2.0
+            if eta > eta_max:
+                return "no_increase"
+            if profile.evals >= max_evals:
+                return "max_evals"
+            bracket.add(eta, profile.f(eta))
+    else:
+        while bracket.lo is None:
+            eta /= 2.0
+            if eta < eta_min:
+                return "not_descent"
+            if profile.evals >= max_evals:
+                return "max_evals"
+            bracket.add(eta, profile.f(eta))
+    while not bracket.closed(rtol):
+        if profile.evals >= max_evals:
+            return "max_evals"
+        mid = 0.5 * (bracket.lo[0] + bracket.hi[0])
+        bracket.add(mid, profile.f(mid))
+    return "ok"
+
+
+def _predict_root(bracket: _Bracket, last: tuple[float, float], slope0: float | None) -> float | None:
+    lo, hi = bracket.lo, bracket.hi
+    if lo is not None and hi is not None:
+        r = _secant_root(lo, hi)
+        if r is None and len(bracket.below) >= 2:
+            r = _secant_root(bracket.below[-2], lo)
+        return r
+    side = bracket.below if hi is None else bracket.above
+    finite = [p for p in side if math.isfinite(p[1])]
+    if hi is None and len(finite) >= 2:
+        return _secant_root(finite[-2], finite[-1])
+    if lo is None and len(finite) >= 2:
+        return _secant_root(finite[0], finite[1])
+    if slope0 is not None and slope0 > 0 and math.isfinite(last[1]):
+        # Newton step on f with the slope remembered from the previous measurement.
+        return last[0] - last[1] / slope0
+    return None
+
+
+def _fast_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals, slope0) -> str:
+    # hi/lo <= close  <=>  1 - lo/hi <= rtol; a hair inside so rounding cannot miss it.
+    close = 1.0 / (1.0 - rtol * (1.0 - 1e-9))
+    eta = eta0
+    stalled = 0
+    while True:
+        width_before = (
+            math.log(bracket.hi[0] / bracket.lo[0]) if bracket.lo and bracket.hi else math.inf
+        )
+        f = profile.f(eta)
+        bracket.add(eta, f)
+        if bracket.closed(rtol):
+            return "ok"
+        lo, hi = bracket.lo, bracket.hi
+        if lo is not None and hi is not None:
+            width = math.log(hi[0] / lo[0])
+            stalled = stalled + 1 if width > 0.5 * width_before else 0
+        if profile.evals >= max_evals:
+            return "max_evals"
+        r = _predict_root(bracket, (eta, f), slope0)
+        if lo is not None and hi is not None:
+            if r is None or stalled >= 2:
+                # Safeguard: a geometric bisection when the secant has no answer or stalls.
+                r, stalled = math.sqrt(lo[0] * hi[0]), 0
+            r = min(max(r, lo[0]), hi[0])
+            if r <= lo[0] * close:
+                eta = lo[0] * close
+            elif r >= hi[0] / close:
+                eta = hi[0] / close
+            else:
+                eta = r
+        elif hi is None:
+            # Only non-increasing probes so far: step up to the predicted root (at most
+            # MAX_GROWTH times), or double when there is no prediction.
+            if r is None or not r > 0:
+                r = 2.0 * lo[0]
+            eta = min(max(r, lo[0] * close), MAX_GROWTH * lo[0])
+            if eta > eta_max:
+                return "no_increase"
+        else:
+            # Only increasing probes so far: step down likewise.
+            if r is None or not r > 0:
+                r = 0.5 * hi[0]
+            eta = max(min(r, hi[0] / close), hi[0] / MAX_GROWTH)
+            if eta < eta_min:
+                return "not_descent"
+
+
+def _final_eta(bracket: _Bracket, method: str) -> float:
+    (lo, f_lo), (hi, f_hi) = bracket.lo, bracket.hi
+    if method == "fast" and math.isfinite(f_hi) and f_hi > f_lo:
+        return lo - f_lo * (hi - lo) / (f_hi - f_lo)
+    return 0.5 * (lo + hi)
+
+
+def _bracket_slope(bracket: _Bracket) -> float:
+    pairs = []
+    if bracket.lo and bracket.hi:
+        pairs.append((bracket.lo, bracket.hi))
+    if len(bracket.below) >= 2:
+        pairs.append((bracket.below[-2], bracket.below[-1]))
+    if len(bracket.above) >= 2:
+        pairs.append((bracket.above[0], bracket.above[1]))
+    for (x1, f1), (x2, f2) in pairs:
+        if math.isfinite(f1) and math.isfinite(f2) and x2 != x1:
+            slope = (f2 - f1) / (x2 - x1)
+            if slope > 0:
+                return slope
+    return math.nan
+
+
+def _check_options(method: str, rtol: float, eta0) -> None:
+    if method not in ("fast", "paper"):
+        raise ValueError(f"method must be 'fast' or 'paper', not {method!r}")
+    if not (isinstance(rtol, (int, float)) and 0.0 < rtol < 1.0):
+        raise ValueError(f"rtol must be a number in (0, 1), not {rtol!r}; the default is 1/16")
+    if eta0 is not None and not (
+        isinstance(eta0, (int, float)) and math.isfinite(eta0) and eta0 > 0
+    ):
+        raise ValueError(f"eta0 must be a positive finite number, not {eta0!r}")
+
+
+def search_critical_lr(
+    model: torch.nn.Module,
+    objective: Objective,
+    direction: Sequence[torch.Tensor],
+    *,
+    method: str = "fast",
+    rtol: float = 1 / 16,
+    eta0: float | None = None,
+    slope0: float | None = None,
+    origin: Sequence[torch.Tensor] | None = None,
+    eta_max: float | None = None,
+    max_evals: int = 64,
+    mode: str | None = "eval",
+) -> CriticalSharpnessResult:
+    """The search itself, on a prepared objective; ``origin`` defaults to the current θ.
+
+    Used by :func:`critical_sharpness` and by the monitor, which measures at the
+    parameters from before the optimizer step (``origin``) while the model holds the
+    parameters from after it.
+    """
+    _check_options(method, rtol, eta0)
+    model = unwrap_model(model)
+    params = trainable_parameters(model)
+    direction = vec.check_aligned(direction, params, "direction")
+    nan = math.nan
+
+    def result(status, loss0=nan, profile=None, bracket=None):
+        probes = [] if profile is None else profile.probes
+        evals = 0 if profile is None else profile.evals
+        eta = sharp = nan
+        span = (nan, nan)
+        slope = nan
+        if bracket is not None:
+            if bracket.lo and bracket.hi:
+                eta = _final_eta(bracket, method)
+                sharp = 2.0 / eta
+                span = (bracket.lo[0], bracket.hi[0])
+            elif bracket.lo:
+                span = (bracket.lo[0], math.inf)
+            elif bracket.hi:
+                span = (0.0, bracket.hi[0])
+            slope = _bracket_slope(bracket)
+        return CriticalSharpnessResult(
+            sharpness=sharp, eta=eta, evals=evals, status=status, method=method, rtol=rtol,
+            loss0=loss0, bracket=span, probes=probes, slope=slope, message=STATUSES[status],
+        )
+
+    if not vec.is_finite(direction):
+        raise ValueError("direction contains NaN or infinite values")
+    d_norm = vec.norm(direction)
+    if d_norm == 0.0:
+        return result("zero_direction")
+
+    with StateGuard(model, mode=mode) as guard:
+        origin = guard.params if origin is None else vec.check_aligned(origin, params, "origin")
+        if origin is not guard.params:
+            with torch.no_grad():
+                for p, o in zip(params, origin):
+                    p.copy_(o)
+        loss0 = objective.value()
+        if not math.isfinite(loss0):
+            raise NonFiniteLossError(
+                f"the loss at the starting parameters is {loss0}; critical sharpness needs a "
+                "finite baseline (check the model, the batch and loss_fn)"
+            )
+        theta_norm = vec.norm(origin)
+        if eta0 is None:
+            # First probe moves the parameters by 1% of their norm.
+            eta0 = 0.01 * max(theta_norm, 1.0) / d_norm
+        # Below this the step is lost in the parameters' rounding: the probe equals θ0.
+        eps = max(torch.finfo(p.dtype).eps for p in params)
+        eta_min = 4.0 * eps * max(theta_norm, 1.0) / d_norm
+        eta_max = eta0 * 2.0**40 if eta_max is None else float(eta_max)
+        eta0 = min(max(eta0, eta_min * 2.0), eta_max)
+        profile = _Profile(objective, params, origin, direction, loss0)
+        bracket = _Bracket()
+        if method == "paper":
+            status = _paper_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals)
+        else:
+            slope0 = slope0 if slope0 is not None and math.isfinite(slope0) else None
+            status = _fast_search(
+                profile, bracket, eta0, rtol, eta_min, eta_max, max_evals, slope0
+            )
+        return result(status, loss0, profile, bracket)
+
+
+def critical_sharpness(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    direction: Sequence[torch.Tensor],
+    *,
+    method: str = "fast",
+    rtol: float = 1 / 16,
+    eta0: float | None = None,
+    warm_start: CriticalSharpnessResult | None = None,
+    eta_max: float | None = None,
+    max_evals: int = 64,
+    mode: str | None = "eval",
+    autocast: torch.dtype | None = None,
+    distributed: bool | str = "auto",
+    process_group=None,
+    seed: int = 0,
+) -> CriticalSharpnessResult:
+    """Critical sharpness λ_c = 2/η_c of ``loss_fn`` on ``batch`` along ``direction``.
+
+    Forward passes only, under ``torch.no_grad``. Probes evaluate θ − η·direction, where
+    ``direction`` holds one tensor per trainable parameter in ``model.parameters()``
+    order. ``batch`` is one batch, or a list of batches whose mean loss is used.
+    ``warm_start`` is the previous result on a nearby θ: its η_c becomes η0 (unless given)
+    and its slope seeds the first prediction of the fast search. The model is measured in
+    eval mode by default (``mode="train"`` keeps dropout, with masks fixed across probes).
+    Under torch.distributed every rank must call this with its shard of the batch.
+
+    Returns a :class:`CriticalSharpnessResult`; a zero or non-descent direction, or no
+    increase up to ``eta_max``, are outcomes (``.status``), not errors. A non-finite loss
+    at θ raises :class:`NonFiniteLossError`. The model is left exactly as it was.
+    """
+    slope0 = None
+    if warm_start is not None:
+        if not isinstance(warm_start, CriticalSharpnessResult):
+            raise TypeError("warm_start must be a CriticalSharpnessResult from a previous call")
+        if eta0 is None and math.isfinite(warm_start.eta) and warm_start.eta > 0:
+            eta0 = warm_start.eta
+        if math.isfinite(warm_start.slope):
+            slope0 = warm_start.slope
+    objective = Objective(
+        unwrap_model(model), loss_fn, batch, autocast=autocast, seed=seed,
+        distributed=distributed, process_group=process_group,
+    )
+    return search_critical_lr(
+        model, objective, direction, method=method, rtol=rtol, eta0=eta0, slope0=slope0,
+        eta_max=eta_max, max_evals=max_evals, mode=mode,
+    )
+
+
+def update_direction(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    mode: str | None = "eval",
+    autocast: torch.dtype | None = None,
+    distributed: bool | str = "auto",
+    process_group=None,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """The update direction d of an objective at the current θ (a step is θ − lr·d).
+
+    Without an optimizer, d is the gradient of the mean loss over ``batch``. With one, d
+    is what ``optimizer.step()`` would do with that gradient, divided by the group's lr:
+    the step is taken, differenced and undone, and the optimizer's state, the parameters
+    and the gradients are restored exactly. Works with any ``torch.optim`` optimizer.
+    """
+    from .capture import DirectionCapture  # local: capture imports this module's siblings
+    from ._state import OptimizerStateGuard
+
+    model = unwrap_model(model)
+    params = trainable_parameters(model)
+    objective = Objective(
+        model, loss_fn, batch, autocast=autocast, seed=seed,
+        distributed=distributed, process_group=process_group,
+    )
+    with StateGuard(model, mode=mode):
+        grads = vec.zeros_like(params)
+        with torch.enable_grad():
+            for i in range(len(objective.batches)):
+                loss = objective.loss(i)
+                parts = torch.autograd.grad(loss, params, allow_unused=True)
+                for acc, g in zip(grads, parts):
+                    if g is not None:
+                        acc.add_(g, alpha=1.0 / len(objective.batches))
+        from . import _dist
+
+        _dist.mean_tensors_(grads, objective.group)
+        if optimizer is None:
+            return grads
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        with OptimizerStateGuard(optimizer):
+            with DirectionCapture(params, optimizer=optimizer) as capture:
+                optimizer.step()
+        return capture.direction
+
+
+def relative_critical_sharpness(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    direction_loss_fn: LossFn,
+    direction_batch: Any,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    **options,
+) -> CriticalSharpnessResult:
+    """Relative critical sharpness λ_c^{1→2}: the loss of objective 1 (``loss_fn`` on
+    ``batch``) along the update direction of objective 2 (``direction_loss_fn`` on
+    ``direction_batch``, through ``optimizer`` if given, else its gradient).
+
+    A low value means a step on objective 2 stays inside objective 1's basin, e.g. a
+    fine-tuning step that does not leave the pretraining minimum. ``options`` are those of
+    :func:`critical_sharpness`.
+    """
+    shared = {k: options[k] for k in ("mode", "autocast", "distributed", "process_group", "seed") if k in options}
+    direction = update_direction(model, direction_loss_fn, direction_batch, optimizer, **shared)
+    return critical_sharpness(model, loss_fn, batch, direction, **options)
