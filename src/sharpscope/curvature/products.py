@@ -25,6 +25,7 @@ default) and build graphs; on exit they free the graphs and restore the model ex
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -63,7 +64,9 @@ def cross_entropy_on_outputs(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
             "cannot find targets in the batch: use (inputs, targets), a dict with 'labels' "
             "or 'targets', or pass output_loss_fn"
         )
-    logits = outputs.reshape(-1, outputs.shape[-1]).float()
+    logits = outputs.reshape(-1, outputs.shape[-1])
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # softmax statistics in float32 under autocast
     return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100)
 
 
@@ -230,7 +233,11 @@ class HessianOperator(_Operator):
             return torch.func.functional_call(caller, dict(zip(names, flat)), (), strict=False)
 
         primals = tuple(p.detach() for p in self.params)
-        _, hv = torch.func.jvp(torch.func.grad(loss_at), (primals,), (tuple(v),))
+        with warnings.catch_warnings():
+            # torch scripts its forward-AD decompositions on first use and warns that
+            # torch.jit.script is deprecated: nothing the user can act on.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+            _, hv = torch.func.jvp(torch.func.grad(loss_at), (primals,), (tuple(v),))
         return [h.detach() for h in hv]
 
 
@@ -252,7 +259,7 @@ def _outputs_and_loss(objective: Objective, i: int, forward_fn, output_loss_fn):
         if not isinstance(outputs, torch.Tensor):
             raise TypeError("forward_fn must return the output tensor (the logits)")
         loss = output_loss_fn(outputs, objective.batches[i])
-    return outputs, loss.float()
+    return outputs, (loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss)
 
 
 class GGNOperator(_Operator):

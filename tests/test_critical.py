@@ -1,0 +1,359 @@
+"""Critical sharpness against closed forms (least squares) and a fine-grid line search."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dense_reference import (
+    cross_entropy_loss, least_squares_loss, least_squares_problem, tiny_transformer, token_batches,
+)
+from sharpscope.curvature import (
+    CriticalSharpnessResult, DirectionCapture, NonFiniteLossError, SharpnessMonitor,
+    critical_sharpness, relative_critical_sharpness, update_direction,
+)
+
+RTOL = 1 / 16
+
+
+def _as_direction(d):
+    return [d.reshape(1, -1)]
+
+
+def _directions(g, seed):
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(g.shape, generator=gen, dtype=g.dtype)
+    return {
+        "gradient": g,
+        "adam-like": g / (g.abs() + 1e-3),
+        "random-descent": g + 0.5 * g.norm() * noise / noise.norm(),
+    }
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+@pytest.mark.parametrize("seed", range(6))
+def test_least_squares_closed_form(method, seed):
+    model, batch, H, g = least_squares_problem(seed=seed)
+    for name, d in _directions(g, seed).items():
+        assert float(g @ d) > 0, name
+        truth = float(d @ H @ d / (g @ d))
+        result = critical_sharpness(model, least_squares_loss, batch, _as_direction(d), method=method)
+        assert result.status == "ok", (name, result.message)
+        eta_c = 2 / truth
+        lo, hi = result.bracket
+        assert lo <= eta_c * (1 + 1e-9) and eta_c <= hi * (1 + 1e-9), name
+        assert 1 - lo / hi <= RTOL
+        assert abs(result.sharpness - truth) <= RTOL * truth, name
+        if method == "fast":
+            # f(η) = (L(η) − L0)/η is linear for a quadratic: interpolation is exact.
+            assert result.sharpness == pytest.approx(truth, rel=1e-9), name
+        assert result.evals == len(result.probes) + 1
+        assert result.loss0 == pytest.approx(float(least_squares_loss(model, batch).detach()))
+
+
+def test_gradient_direction_is_bounded_by_lambda_max():
+    model, batch, H, g = least_squares_problem()
+    result = critical_sharpness(model, least_squares_loss, batch, _as_direction(g))
+    assert result.sharpness <= float(torch.linalg.eigvalsh(H)[-1]) * (1 + RTOL)
+
+
+@pytest.mark.parametrize("rtol", [1 / 4, 1 / 16, 1 / 64])
+def test_paper_method_meets_its_tolerance(rtol):
+    model, batch, H, g = least_squares_problem(seed=3)
+    result = critical_sharpness(model, least_squares_loss, batch, _as_direction(g), method="paper", rtol=rtol)
+    lo, hi = result.bracket
+    assert 1 - lo / hi <= rtol
+    assert result.eta == pytest.approx((lo + hi) / 2)
+
+
+def test_warm_start_needs_fewer_evaluations():
+    model, batch, H, g = least_squares_problem(seed=1)
+    d = _as_direction(g / (g.abs() + 1e-3))
+    cold = critical_sharpness(model, least_squares_loss, batch, d)
+    warm = critical_sharpness(model, least_squares_loss, batch, d, warm_start=cold)
+    assert warm.evals == 3  # baseline + one probe each side of η_c
+    assert warm.sharpness == pytest.approx(cold.sharpness, rel=1e-9)
+    paper = critical_sharpness(model, least_squares_loss, batch, d, method="paper", eta0=cold.eta)
+    assert paper.evals > warm.evals
+
+
+class _Profile:
+    """L(θ − η·d) evaluated directly, parameters put back afterwards."""
+
+    def __init__(self, model, loss_fn, batch, direction):
+        self.model, self.loss_fn, self.batch, self.direction = model, loss_fn, batch, direction
+        self.params = list(model.parameters())
+        self.origin = [p.detach().clone() for p in self.params]
+
+    def __call__(self, eta):
+        with torch.no_grad():
+            for p, o, d in zip(self.params, self.origin, self.direction):
+                p.copy_(o - eta * d)
+            return float(self.loss_fn(self.model, self.batch))
+
+    def close(self):
+        with torch.no_grad():
+            for p, o in zip(self.params, self.origin):
+                p.copy_(o)
+
+
+def _fine_grid_eta_c(model, loss_fn, batch, direction, lo, hi, points=4001):
+    """The first η on a fine log grid where the loss exceeds L0, refined by bisection."""
+    loss_at = _Profile(model, loss_fn, batch, direction)
+    try:
+        base = loss_at(0.0)
+        grid = np.geomspace(lo, hi, points)
+        values = np.array([loss_at(float(e)) for e in grid])
+        first = int(np.argmax(values > base))
+        assert values[first] > base and first > 0 and values[first - 1] <= base
+        a, b = float(grid[first - 1]), float(grid[first])
+        for _ in range(60):
+            m = 0.5 * (a + b)
+            a, b = (a, m) if loss_at(m) > base else (m, b)
+        return 0.5 * (a + b)
+    finally:
+        loss_at.close()
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+def test_transformer_agrees_with_fine_grid_line_search(method):
+    model = tiny_transformer(seed=2)
+    model.eval()
+    batch = token_batches(seed=2, n=4)[0]
+    direction = update_direction(model, cross_entropy_loss, batch)
+    result = critical_sharpness(model, cross_entropy_loss, batch, direction, method=method)
+    assert result.status == "ok"
+    eta_c = _fine_grid_eta_c(model, cross_entropy_loss, batch, direction, result.eta / 50, result.eta * 50)
+    assert abs(result.eta - eta_c) <= RTOL * eta_c
+    lo, hi = result.bracket
+    assert lo <= eta_c <= hi
+
+
+def test_transformer_profile_is_not_quadratic():
+    """The grid test above is only meaningful if the profile departs from a parabola."""
+    model = tiny_transformer(seed=2)
+    model.eval()
+    batch = token_batches(seed=2, n=4)[0]
+    direction = update_direction(model, cross_entropy_loss, batch)
+    result = critical_sharpness(model, cross_entropy_loss, batch, direction)
+    etas = np.array([result.eta * s for s in (0.25, 0.5, 1.0)])
+    loss_at = _Profile(model, cross_entropy_loss, batch, direction)
+    base, values = loss_at(0.0), np.array([loss_at(float(e)) for e in etas])
+    loss_at.close()
+    f = (values - base) / etas
+    # for a quadratic f is linear in η: the two slopes would be equal
+    s1, s2 = (f[1] - f[0]) / (etas[1] - etas[0]), (f[2] - f[1]) / (etas[2] - etas[1])
+    assert abs(s1 - s2) > 0.05 * abs(s2)
+
+
+def test_relative_critical_sharpness_closed_form():
+    model, batch1, H1, g1 = least_squares_problem(seed=0)
+    gen = torch.Generator().manual_seed(9)
+    X2 = torch.randn(40, 10, generator=gen, dtype=torch.float64)
+    y2 = torch.randn(40, 1, generator=gen, dtype=torch.float64)
+    w = model.weight.detach().reshape(-1)
+    g2 = X2.T @ X2 @ w / 40 - X2.T @ y2.reshape(-1) / 40
+    if float(g1 @ g2) <= 0:  # needs a direction that descends objective 1
+        y2 = -y2
+        g2 = X2.T @ X2 @ w / 40 - X2.T @ y2.reshape(-1) / 40
+    assert float(g1 @ g2) > 0
+    truth = float(g2 @ H1 @ g2 / (g1 @ g2))
+    result = relative_critical_sharpness(model, least_squares_loss, batch1, least_squares_loss, (X2, y2))
+    assert result.sharpness == pytest.approx(truth, rel=1e-9)
+
+
+def test_update_direction_of_sgd_and_adam_first_step():
+    model, batch, H, g = least_squares_problem()
+    d_grad = update_direction(model, least_squares_loss, batch)
+    assert torch.allclose(d_grad[0].reshape(-1), g, rtol=1e-12)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    d_sgd = update_direction(model, least_squares_loss, batch, sgd)
+    assert torch.allclose(d_sgd[0].reshape(-1), g, rtol=1e-9)
+    adam = torch.optim.Adam(model.parameters(), lr=0.01, eps=1e-8)
+    d_adam = update_direction(model, least_squares_loss, batch, adam)
+    # first Adam step: m̂ = g, v̂ = g², so d = g / (|g| + eps)
+    assert torch.allclose(d_adam[0].reshape(-1), g / (g.abs() + 1e-8), rtol=1e-7)
+    assert len(adam.state) == 0  # the step was undone
+
+
+def test_direction_capture_uses_each_groups_lr():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    model(x).pow(2).mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt = torch.optim.SGD([
+        {"params": model[0].parameters(), "lr": 0.1},
+        {"params": model[1].parameters(), "lr": 0.01},
+    ])
+    with DirectionCapture(model, opt) as capture:
+        opt.step()
+    assert capture.lr == 0.1
+    for d, g in zip(capture.direction, grads):
+        assert torch.allclose(d, g, rtol=1e-9, atol=1e-12)
+
+
+def test_direction_capture_records_nothing_when_the_step_raises():
+    model, batch, _, _ = least_squares_problem()
+    capture = DirectionCapture(model, lr=0.1)
+    with pytest.raises(RuntimeError):
+        with capture:
+            raise RuntimeError("step failed")
+    assert capture.direction is None
+
+
+def test_direction_capture_refuses_zero_lr():
+    model, _, _, _ = least_squares_problem()
+    with pytest.raises(ValueError, match="lr"):
+        with DirectionCapture(model, lr=0.0):
+            pass
+    with pytest.raises(ValueError, match="optimizer"):
+        DirectionCapture(model)
+
+
+def test_monitor_measures_at_the_pre_step_parameters():
+    """On least squares with SGD, λ_c at θ_before along d = g(θ_before) is gᵀHg/‖g‖²."""
+    model, batch, H, _ = least_squares_problem(seed=4)
+    X, y = batch
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = SharpnessMonitor(model, least_squares_loss, batch, opt, every=2)
+    measured = 0
+    for step in range(8):
+        opt.zero_grad()
+        least_squares_loss(model, batch).backward()
+        w = model.weight.detach().reshape(-1).clone()
+        g = H @ w - X.T @ y.reshape(-1) / X.shape[0]
+        with monitor.around_step(step):
+            opt.step()
+        if step % 2 == 0:
+            truth = float(g @ H @ g / (g @ g))
+            assert monitor.latest["sharpness/critical"] == pytest.approx(truth, rel=1e-8)
+            assert monitor.latest["sharpness/lr_over_eta_c"] == pytest.approx(0.05 * truth / 2, rel=1e-8)
+            measured += 1
+        else:
+            assert monitor.latest is None
+    assert measured == 4 and monitor.measurements == 4
+
+
+def test_monitor_state_round_trip_keeps_the_warm_start():
+    model, batch, _, _ = least_squares_problem(seed=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = SharpnessMonitor(model, least_squares_loss, batch, opt, every=1)
+    opt.zero_grad()
+    least_squares_loss(model, batch).backward()
+    with monitor.around_step(0):
+        opt.step()
+    restored = SharpnessMonitor(model, least_squares_loss, batch, opt, every=1)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.last.eta == monitor.last.eta and restored.last.slope == monitor.last.slope
+    assert restored.measurements == 1
+
+
+# ---- defined outcomes --------------------------------------------------------------------
+
+def test_zero_direction():
+    model, batch, _, g = least_squares_problem()
+    result = critical_sharpness(model, least_squares_loss, batch, _as_direction(torch.zeros_like(g)))
+    assert result.status == "zero_direction" and result.evals == 0
+    assert math.isnan(result.sharpness) and math.isnan(result.eta)
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+def test_ascent_direction_is_not_descent(method):
+    model, batch, _, g = least_squares_problem()
+    result = critical_sharpness(model, least_squares_loss, batch, _as_direction(-g), method=method)
+    assert result.status == "not_descent"
+    assert math.isnan(result.sharpness)
+    assert result.evals < 64
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+def test_no_increase_up_to_eta_max(method):
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    x = torch.ones(4, 3, dtype=torch.float64)
+
+    def decreasing(m, batch):  # linear in θ: descends forever along +gradient
+        return -m(batch).mean()
+
+    d = update_direction(model, decreasing, x)
+    result = critical_sharpness(model, decreasing, x, d, method=method, eta_max=1e3)
+    assert result.status == "no_increase"
+    assert math.isnan(result.sharpness)
+    assert result.bracket[1] == math.inf
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+def test_non_finite_probe_counts_as_increase(method):
+    model, batch, H, g = least_squares_problem()
+    eta_true = 2 / float(g @ H @ g / (g @ g))
+    w0 = model.weight.detach().clone()
+
+    def loss_with_cliff(m, b):  # NaN beyond 0.8·η_c along g
+        step = float((w0 - m.weight).norm() / g.norm())
+        return least_squares_loss(m, b) if step < 0.8 * eta_true else torch.tensor(float("nan"))
+
+    result = critical_sharpness(model, loss_with_cliff, batch, _as_direction(g), method=method)
+    assert result.status == "ok"
+    lo, hi = result.bracket
+    assert lo <= 0.8 * eta_true <= hi * (1 + 1e-9)
+    assert any(math.isnan(loss) for _, loss in result.probes)
+
+
+def test_non_finite_baseline_raises():
+    model, batch, _, g = least_squares_problem()
+    with pytest.raises(NonFiniteLossError, match="finite baseline"):
+        critical_sharpness(model, lambda m, b: torch.tensor(float("inf")), batch, _as_direction(g))
+
+
+def test_bad_arguments_are_refused():
+    model, batch, _, g = least_squares_problem()
+    d = _as_direction(g)
+    with pytest.raises(ValueError, match="method"):
+        critical_sharpness(model, least_squares_loss, batch, d, method="golden")
+    with pytest.raises(ValueError, match="rtol"):
+        critical_sharpness(model, least_squares_loss, batch, d, rtol=1.5)
+    with pytest.raises(ValueError, match="eta0"):
+        critical_sharpness(model, least_squares_loss, batch, d, eta0=-1.0)
+    with pytest.raises(ValueError, match="shape"):
+        critical_sharpness(model, least_squares_loss, batch, [g])
+    with pytest.raises(ValueError, match="NaN"):
+        critical_sharpness(model, least_squares_loss, batch, _as_direction(g * float("nan")))
+    with pytest.raises(TypeError, match="warm_start"):
+        critical_sharpness(model, least_squares_loss, batch, d, warm_start=0.1)
+
+
+def test_several_batches_use_the_mean_loss():
+    model, batch, H, g = least_squares_problem(seed=2)
+    X, y = batch
+    halves = [(X[:32], y[:32]), (X[32:], y[32:])]
+    whole = critical_sharpness(model, least_squares_loss, batch, _as_direction(g))
+    split = critical_sharpness(model, least_squares_loss, halves, _as_direction(g))
+    assert split.sharpness == pytest.approx(whole.sharpness, rel=1e-9)
+    assert split.evals == whole.evals
+
+
+def test_bf16_autocast_runs_the_loss_under_autocast():
+    model = tiny_transformer(seed=1).float()
+    batch = token_batches(seed=1, n=4)[0]
+    seen = []
+
+    def loss_fn(m, b):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return cross_entropy_loss(m, b)
+
+    direction = update_direction(model, cross_entropy_loss, batch)
+    full = critical_sharpness(model, cross_entropy_loss, batch, direction)
+    half = critical_sharpness(model, loss_fn, batch, direction, autocast=torch.bfloat16)
+    assert all(seen) and seen
+    assert half.status == "ok"
+    assert abs(half.sharpness - full.sharpness) <= 0.25 * full.sharpness
+
+
+def test_result_metrics_use_the_run_format_names():
+    model, batch, _, g = least_squares_problem()
+    result = critical_sharpness(model, least_squares_loss, batch, _as_direction(g))
+    assert isinstance(result, CriticalSharpnessResult) and result.ok
+    assert set(result.as_metrics()) == {"sharpness/critical", "sharpness/eta_c", "sharpness/evals"}
