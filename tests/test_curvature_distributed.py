@@ -264,11 +264,8 @@ def reference() -> dict:
         out: dict = {"global": global_measurements(model, both, both)}
         out["local"] = [local_measurements(model, s, distributed=False) for s in both]
         out["dropout"] = train_mode_measurements(make_model(dropout=0.25), both)
-        out["train_log"] = monitored_training(
-            make_model(), lambda step: train_batch(step), shards(probe_batch())
-        )
         trained = make_model()
-        monitored_training(trained, lambda step: train_batch(step), shards(probe_batch()))
+        out["train_log"] = monitored_training(trained, train_batch, shards(probe_batch()))
         out["final_params"] = params_flat(trained)
         return out
     finally:
@@ -422,16 +419,6 @@ def test_distributed_false_measures_the_local_shard_only(ranks, reference):
 # --------------------------------------------------------------------------- tests: train mode
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Objective._context reseeds the RNG with seed + i, where i is the LOCAL batch "
-        "index: under DDP every rank evaluates its shard with seed + 0, while the "
-        "single-process objective [shard0, shard1] uses seed + 0 and seed + 1, so with "
-        "dropout in mode='train' the dropout masks (hence gradient, losses, lambda_c) differ "
-        "from the single-process result on the same global batch"
-    ),
-)
 def test_train_mode_with_dropout_matches_single_process(ranks, reference):
     """mode="train" keeps dropout with masks fixed per batch; the distributed objective
     should still be the single-process objective on [shard0, shard1]."""

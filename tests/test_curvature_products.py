@@ -334,3 +334,15 @@ def test_bad_options_are_refused():
         hessian_trace(model, cross_entropy_loss, [])
     with pytest.raises(TypeError, match="0-dim"):
         hessian_trace(model, lambda m, b: cross_entropy_loss(m, b).reshape(1), batches)
+
+
+def test_preconditioned_sharpness_leaves_out_parameters_adam_does_not_move():
+    model, batches = _WithUnused(), mlp_batches()
+    opt = _adam_after_steps(model, cross_entropy_loss, batches)
+    assert not opt.state[model.extra.weight]  # never had a gradient, so no Adam state
+    H = dense_hessian(model.body, cross_entropy_loss, batches)
+    P = to_flat(adam_preconditioner(model.body, opt))
+    D = torch.diag(P.rsqrt())
+    truth = float(torch.linalg.eigvalsh(D @ H @ D)[-1])
+    result = preconditioned_sharpness(model, cross_entropy_loss, batches, opt)
+    assert result.value == pytest.approx(truth, rel=1e-6)

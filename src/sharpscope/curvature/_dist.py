@@ -31,6 +31,11 @@ def resolve_group(distributed: bool | str, group=None):
     return group if group is not None else dist.group.WORLD
 
 
+def rank(group) -> int:
+    """This process's rank in ``group`` (0 for a single-process measurement)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
 def _reduce_device(group) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -8,7 +8,7 @@ ranks are handled once:
 * ``autocast``: a dtype such as ``torch.bfloat16`` runs ``loss_fn`` under
   ``torch.autocast``; the loss is cast to float32 and the mean taken in float64.
 * In train mode (dropout active) every evaluation of batch ``i`` reseeds the RNG with
-  ``seed + i`` so that every probe sees the same dropout masks, which makes the loss a
+  ``seed + i`` (``i`` counted over the global batch, rank-major) so that every probe sees the same dropout masks, which makes the loss a
   deterministic function of the parameters. The caller's RNG state is restored by the
   state guard.
 * Attention runs on the math kernel whenever derivatives of derivatives are taken: the
@@ -64,6 +64,10 @@ class Objective:
         self.autocast = autocast
         self.seed = int(seed)
         self.group = _dist.resolve_group(distributed, process_group)
+        # Dropout seeds follow a batch's position in the global batch (rank-major), so a
+        # sharded measurement sees the masks the single-process one sees on the same
+        # global batch (this assumes every rank holds the same number of batches).
+        self._seed_base = self.seed + _dist.rank(self.group) * len(self.batches)
         self.calls = 0
 
     @contextlib.contextmanager
@@ -72,7 +76,7 @@ class Objective:
             if self.model.training:
                 cuda = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
                 stack.enter_context(torch.random.fork_rng(devices=cuda))
-                torch.manual_seed(self.seed + index)
+                torch.manual_seed(self._seed_base + index)
             if self.autocast is not None:
                 stack.enter_context(
                     torch.autocast(device_type=_device_type(self.model), dtype=self.autocast)

@@ -80,8 +80,15 @@ class StateGuard:
         with torch.no_grad():
             self.params = [p.detach().clone() for p in self._trainable]
             self._frozen = [p.detach().clone() for p in self._all_params if not p.requires_grad]
-            self._buffers = [b.detach().clone() for b in model.buffers()]
-        self._buffer_refs = list(model.buffers())
+            # Buffers by owner and name: a forward may rebind a buffer attribute
+            # (``self.running = 0.9 * self.running + ...``) or register a new one.
+            self._buffers = {
+                module: {
+                    name: (b, None if b is None else b.detach().clone())
+                    for name, b in module._buffers.items()
+                }
+                for module in model.modules()
+            }
         self._grads = [
             (p.grad, None if p.grad is None else p.grad.detach().clone()) for p in self._all_params
         ]
@@ -107,8 +114,14 @@ class StateGuard:
             for p, trainable in zip(self._all_params, self._requires_grad):
                 if not trainable:
                     p.copy_(next(frozen))
-            for b, saved in zip(self._buffer_refs, self._buffers):
-                b.copy_(saved)
+            for module, buffers in self._buffers.items():
+                for name in list(module._buffers):
+                    if name not in buffers:
+                        del module._buffers[name]
+                for name, (ref, saved) in buffers.items():
+                    if ref is not None:
+                        ref.copy_(saved)
+                    module._buffers[name] = ref
         for p, flag in zip(self._all_params, self._requires_grad):
             p.requires_grad_(flag)
         for p, (ref, saved) in zip(self._all_params, self._grads):

@@ -95,26 +95,33 @@ class CriticalSharpnessResult:
 
 
 class _Profile:
-    """Loss along θ0 − η·d, with the probes recorded."""
+    """Loss along θ0 − η·d, with the probes recorded.
 
-    def __init__(self, objective: Objective, params, origin, direction, loss0: float):
+    A probe counts as "increased" when its loss is above L0 by more than ``band``, or is
+    not finite. A loss within ``band`` of L0 also counts as increased: such a difference
+    is rounding, not descent, and taking it for descent would accept a bracket made of
+    noise (an uphill direction would then get a finite λ_c instead of "not_descent").
+    """
+
+    def __init__(self, objective: Objective, params, origin, direction, loss0: float, band: float):
         self.objective = objective
         self.params = params
         self.origin = origin
         self.direction = direction
         self.loss0 = loss0
+        self.band = band
         self.probes: list[tuple[float, float]] = []
 
-    def f(self, eta: float) -> float:
-        """(L(θ0 − η·d) − L0)/η; +inf when the loss is not finite (counts as increased)."""
+    def probe(self, eta: float) -> tuple[float, bool]:
+        """(f(η), increased) with f(η) = (L(θ0 − η·d) − L0)/η, +inf for a non-finite loss."""
         with torch.no_grad():
             for p, o, d in zip(self.params, self.origin, self.direction):
                 p.copy_(o).add_(d, alpha=-eta)
         loss = self.objective.value()
         self.probes.append((eta, loss))
         if not math.isfinite(loss):
-            return math.inf
-        return (loss - self.loss0) / eta
+            return math.inf, True
+        return (loss - self.loss0) / eta, loss > self.loss0 - self.band
 
     @property
     def evals(self) -> int:
@@ -141,8 +148,9 @@ class _Bracket:
         self.below: list[tuple[float, float]] = []  # probes with f <= 0, ascending η
         self.above: list[tuple[float, float]] = []  # probes with f > 0, ascending η
 
-    def add(self, eta: float, f: float) -> None:
-        if f > 0:
+    def add(self, eta: float, probe: tuple[float, bool]) -> None:
+        f, increased = probe
+        if increased:
             self.above.append((eta, f))
             self.above.sort()
             self.hi = self.above[0]
@@ -159,16 +167,15 @@ class _Bracket:
 
 def _paper_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals) -> str:
     eta = eta0
-    f = profile.f(eta)
-    bracket.add(eta, f)
-    if f <= 0:
+    bracket.add(eta, profile.probe(eta))
+    if bracket.hi is None:
         while bracket.hi is None:
             eta *= 2.0
             if eta > eta_max:
                 return "no_increase"
             if profile.evals >= max_evals:
                 return "max_evals"
-            bracket.add(eta, profile.f(eta))
+            bracket.add(eta, profile.probe(eta))
     else:
         while bracket.lo is None:
             eta /= 2.0
@@ -176,12 +183,12 @@ def _paper_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals) -> 
                 return "not_descent"
             if profile.evals >= max_evals:
                 return "max_evals"
-            bracket.add(eta, profile.f(eta))
+            bracket.add(eta, profile.probe(eta))
     while not bracket.closed(rtol):
         if profile.evals >= max_evals:
             return "max_evals"
         mid = 0.5 * (bracket.lo[0] + bracket.hi[0])
-        bracket.add(mid, profile.f(mid))
+        bracket.add(mid, profile.probe(mid))
     return "ok"
 
 
@@ -213,8 +220,8 @@ def _fast_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals, slop
         width_before = (
             math.log(bracket.hi[0] / bracket.lo[0]) if bracket.lo and bracket.hi else math.inf
         )
-        f = profile.f(eta)
-        bracket.add(eta, f)
+        f, increased = profile.probe(eta)
+        bracket.add(eta, (f, increased))
         if bracket.closed(rtol):
             return "ok"
         lo, hi = bracket.lo, bracket.hi
@@ -360,7 +367,9 @@ def search_critical_lr(
         eta_min = 4.0 * eps * max(theta_norm, 1.0) / d_norm
         eta_max = eta0 * 2.0**40 if eta_max is None else float(eta_max)
         eta0 = min(max(eta0, eta_min * 2.0), eta_max)
-        profile = _Profile(objective, params, origin, direction, loss0)
+        # Differences this small are rounding of the loss, not descent (see _Profile).
+        band = 16.0 * eps * max(abs(loss0), 1.0)
+        profile = _Profile(objective, params, origin, direction, loss0, band)
         bracket = _Bracket()
         if method == "paper":
             status = _paper_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals)

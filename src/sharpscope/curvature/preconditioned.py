@@ -15,6 +15,7 @@ threshold uses the group's nominal lr (the correction tends to 1 after a few hun
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,25 +53,37 @@ def _step_count(step) -> float:
 
 
 def adam_preconditioner(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """P = √v̂ + ε per trainable parameter, from an Adam-family optimizer's state."""
+    """P = √v̂ + ε per trainable parameter, from an Adam-family optimizer's state.
+
+    A parameter Adam does not move (outside every group, or without state because it
+    never had a gradient) gets P = +inf: P^{-1/2} = 0 removes it from the operator, as
+    it is absent from the optimizer's dynamics.
+    """
     params = trainable_parameters(model)
     group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
     out = []
-    for i, p in enumerate(params):
+    any_state = False
+    for p in params:
         group = group_of.get(p)
         state = optimizer.state.get(p, {})
         key = "max_exp_avg_sq" if group is not None and group.get("amsgrad") else "exp_avg_sq"
-        if group is None or key not in state or "step" not in state or "betas" not in group:
+        if group is not None and "betas" not in group:
             raise ValueError(
-                f"parameter {i} has no Adam second-moment state ({key}); preconditioned "
-                "sharpness needs an Adam-family optimizer that has taken at least one step"
+                "preconditioned sharpness needs an Adam-family optimizer (Adam, AdamW); "
+                f"{type(optimizer).__name__} has no betas or second-moment state"
             )
-        t = _step_count(state["step"])
-        if t < 1:
-            raise ValueError("the optimizer has not taken a step yet; take one first")
+        if group is None or key not in state or "step" not in state or _step_count(state["step"]) < 1:
+            out.append(torch.full_like(p, math.inf))
+            continue
+        any_state = True
         beta2 = group["betas"][1]
-        v_hat = state[key].detach().double() / (1.0 - beta2**t)
+        v_hat = state[key].detach().double() / (1.0 - beta2 ** _step_count(state["step"]))
         out.append((v_hat.sqrt() + group["eps"]).to(device=p.device, dtype=p.dtype))
+    if not any_state:
+        raise ValueError(
+            "the optimizer has no second-moment state yet; take at least one optimizer "
+            "step before measuring preconditioned sharpness"
+        )
     return out
 
 

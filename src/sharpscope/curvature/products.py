@@ -213,8 +213,12 @@ class HessianOperator(_Operator):
         elif self.method == "jvp":
             try:
                 hv = self._jvp_product(i, v)
-            except (NotImplementedError, RuntimeError):
-                # Some operators have no forward-mode rule: use double backward from now on.
+            except (NotImplementedError, RuntimeError) as err:
+                if not _unsupported_by_transforms(err):
+                    raise
+                # Some operators have no forward-mode rule, and torch.func refuses models
+                # that update buffers in place (BatchNorm in train mode): use double
+                # backward from now on.
                 self.method = "double"
                 self._accumulate(i, v, out)
                 return
@@ -239,6 +243,16 @@ class HessianOperator(_Operator):
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
             _, hv = torch.func.jvp(torch.func.grad(loss_at), (primals,), (tuple(v),))
         return [h.detach() for h in hv]
+
+
+def _unsupported_by_transforms(err: Exception) -> bool:
+    """Whether an error is torch.func declining the model (no forward-mode rule for an
+    operator, or an in-place update of a captured buffer), not an error of the user's."""
+    text = str(err).lower()
+    return any(
+        key in text
+        for key in ("forward ad", "forward-mode", "forward mode", "mutate a captured tensor")
+    )
 
 
 class _Caller(torch.nn.Module):
