@@ -43,9 +43,11 @@ def main() -> None:
     summary = {}
     for method, rows in records.items():
         evals = [r[1] for r in rows]
-        ok = sum(r[3] == "ok" for r in rows)
+        statuses = {}
+        for r in rows:
+            statuses[r[3]] = statuses.get(r[3], 0) + 1
         summary[method] = statistics.median(evals)
-        print(f"{method:5s}: {len(rows)} measurements, {ok} ok, evals median {statistics.median(evals):.1f}, "
+        print(f"{method:5s}: {len(rows)} measurements {statuses}, evals median {statistics.median(evals):.1f}, "
               f"mean {statistics.mean(evals):.2f}, max {max(evals)}")
     later = [r for r in records["fast"][1:]]
     print(f"fast after the first (warm-started) measurement: median evals "
