@@ -159,6 +159,55 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train / measure -------------------------------------------------------------------
+
+def _train_config(args: argparse.Namespace):
+    from .config import load_config
+    from .training.config import TrainConfig
+
+    overrides = list(args.overrides)
+    config_path = args.config
+    if config_path and "=" in config_path and not Path(config_path).exists():
+        # no config file given: argparse put the first KEY=VALUE override in its place
+        overrides.insert(0, config_path)
+        config_path = None
+    for flag, key in (("steps", "steps"), ("seed", "seed"), ("monitor_every", "monitor.every"),
+                      ("checkpoint_every", "checkpoint.every")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    return load_config(TrainConfig, config_path, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.trainer import train
+
+    config = _train_config(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"'{out}' exists and is not a directory; choose another --out")
+    t0 = time.perf_counter()
+    train(config, out, resume=args.resume)
+    print(f"[train] {config.name}: {config.steps} steps -> {out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .training.measure import measure_checkpoint
+
+    result = measure_checkpoint(Path(args.checkpoint), args.data, batch_size=args.batch_size,
+                                n_batches=args.batches, lanczos_iters=args.lanczos_iters,
+                                trace_samples=args.trace_samples, seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:32s} {value:.6g}" if isinstance(value, float) else f"{key:32s} {value}")
+    return 0
+
+
 # --- demo ------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -214,6 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--predict", help="sizes to predict, comma-separated, e.g. 13e9,30e9,70e9")
     f.add_argument("--json", action="store_true", help="print JSON")
     f.set_defaults(func=cmd_fit)
+
+    t = sub.add_parser("train", help="train a GPT with the live sharpness monitor")
+    t.add_argument("config", nargs="?", help="TOML config (see configs/); defaults apply without one")
+    t.add_argument("--out", required=True, help="run directory (metrics.jsonl, config.json, checkpoints/)")
+    t.add_argument("--steps", type=int, help="optimizer steps")
+    t.add_argument("--seed", type=int, help="seed of initialisation, data order and dropout")
+    t.add_argument("--monitor-every", type=int, help="critical sharpness every N steps (0 = off)")
+    t.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0 = at the end only)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
+    t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("measure", help="measure λ_c, λ_max and the trace on a saved checkpoint")
+    m.add_argument("checkpoint", help="a checkpoints/stepNNNNNNNN folder of a run")
+    m.add_argument("--data", required=True, help="source to measure on: code, prose, arithmetic, a file, a folder or a .bin")
+    m.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
+    m.add_argument("--batches", type=int, default=1, help="batches (their mean loss is measured)")
+    m.add_argument("--lanczos-iters", type=int, default=30, help="Lanczos iterations for λ_max")
+    m.add_argument("--trace-samples", type=int, default=32, help="Hutchinson probes for the trace")
+    m.add_argument("--seed", type=int, default=0, help="seed of the measured batches")
+    m.add_argument("--json", action="store_true", help="print JSON")
+    m.set_defaults(func=cmd_measure)
 
     d = sub.add_parser("demo", help="run the built-in demo end to end")
     d.add_argument("--out", default="demo-output", help="output directory (replaced)")

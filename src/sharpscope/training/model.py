@@ -17,7 +17,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["GPTConfig", "GPT", "count_parameters"]
+__all__ = ["GPTConfig", "GPT", "PRESETS", "count_parameters"]
+
+# (n_layer, n_head, d_model): a ladder from about 50K to over 100M parameters with the
+# byte-level vocabulary (counts are computed from the built model, never assumed).
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "nano": (1, 2, 48),
+    "tiny": (2, 4, 64),
+    "mini": (4, 4, 128),
+    "small": (6, 8, 256),
+    "medium": (8, 8, 512),
+    "large": (16, 12, 768),
+}
 
 
 @dataclass

@@ -1,0 +1,140 @@
+"""Settings of a training run: one dataclass per concern, each field documented.
+
+Loaded with ``sharpscope.config.load_config(TrainConfig, path, overrides)`` from TOML and
+dotted overrides (``optim.lr=1e-3``); the resolved config is written into the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Size preset (see ``sharpscope.training.model.PRESETS``): nano, tiny, mini, small,
+    medium, large."""
+    n_layer: int = 0
+    """Transformer blocks; 0 takes the preset's."""
+    n_head: int = 0
+    """Attention heads; 0 takes the preset's."""
+    d_model: int = 0
+    """Residual width; 0 takes the preset's."""
+    block_size: int = 128
+    """Context length in tokens (also the length of training sequences)."""
+    positions: str = "learned"
+    """'learned' absolute positions or 'rope'."""
+    dropout: float = 0.0
+    """Dropout during training."""
+    tie_embeddings: bool = True
+    """Output head shares the token embedding."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: ["code"])
+    """Data sources: built-in 'code', 'prose', 'arithmetic', a text file or folder, or a
+    .bin token file; 'name:path' names a user source."""
+    weights: list[float] = field(default_factory=list)
+    """Mixture weights, one per source (empty = equal)."""
+    batch_size: int = 16
+    """Sequences per training batch."""
+    val_fraction: float = 0.05
+    """Fraction of each source held out for validation."""
+    max_bytes: int = 2_000_000
+    """Cap on the bytes read per built-in corpus (keeps start-up fast)."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """'adamw' or 'sgd' (with momentum)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW) or L2 (SGD)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    """cosine, linear, constant, wsd (warmup-stable-decay) or cosine_restarts."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    min_ratio: float = 0.1
+    """Final lr as a fraction of the peak."""
+    decay_steps: int = 0
+    """wsd: length of the final decay (0 = 20% of the run)."""
+    cycle_steps: int = 0
+    """cosine_restarts: first cycle length (0 = a quarter of the run)."""
+
+
+@dataclass
+class MonitorConfig:
+    every: int = 10
+    """Critical sharpness every this many steps (0 = off)."""
+    method: str = "fast"
+    """Line search: 'fast' or 'paper'."""
+    rtol: float = 0.0625
+    """Relative bracket width of the line search."""
+    probe_batch_size: int = 16
+    """Sequences in the fixed probe batch (drawn once from the validation split)."""
+    exact_every: int = 0
+    """λ_max, trace and (AdamW) preconditioned sharpness every this many steps (0 = off)."""
+    lanczos_iters: int = 20
+    """Lanczos iterations for λ_max."""
+    trace_samples: int = 16
+    """Hutchinson probes for the trace."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100
+    """Validation every this many steps, plus at the start and the end (0 = start and end)."""
+    batches: int = 4
+    """Validation batches per source."""
+    arithmetic_problems: int = 50
+    """Problems for exact-match accuracy (when 'arithmetic' is a source; 0 = off)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Checkpoint every this many steps (0 = only at the end)."""
+    keep: int = 2
+    """Most recent checkpoints kept."""
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    """Run name (recorded in the run's config)."""
+    group: str = "training"
+    """Study group the run belongs to (the analysis groups runs by it)."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout."""
+    steps: int = 200
+    """Optimizer steps."""
+    device: str = "cpu"
+    """'cpu', 'cuda' or 'cuda:N'."""
+    on_nonfinite: str = "stop"
+    """Non-finite training loss: 'stop' with a clear message, or 'skip' the step."""
+    log_every: int = 1
+    """Write a train/loss row every this many steps."""
+    progress: bool = True
+    """Progress bar on stderr."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -1,0 +1,304 @@
+"""The training loop: a GPT on the configured sources, with the sharpness monitor live.
+
+One iteration (``step`` counts optimizer updates done, 0-based inside the loop):
+  1. lr from the schedule (a pure function of the step, so resume needs only the count);
+  2. the sampler's batch for this step (a pure function of seed and position);
+  3. forward, backward, clip, then the optimizer step inside the monitor's
+     ``around_step`` (the monitor captures the update direction and measures λ_c on its
+     fixed probe batch every N steps without perturbing anything);
+  4. metrics rows to ``metrics.jsonl``; evaluation and exact curvature on their cadence;
+     checkpoints on theirs.
+
+Resume loads the latest complete checkpoint (weights, optimizer, RNG, sampler position,
+monitor warm start), drops metric rows logged after it, and continues: on CPU the rest of
+the run is bit-for-bit the run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import to_dict
+from ..errors import UserError
+from ..runs import CONFIG_FILE, METRICS_FILE, RunWriter, atomic_write_text, metrics_line
+from ..schedules import SCHEDULES, lr_multiplier
+from ..sizes import size_label
+from ..curvature import SharpnessMonitor, hessian_eigenvalues, hessian_trace, preconditioned_sharpness
+from . import data as data_lib
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .config import ModelConfig, OptimConfig, TrainConfig
+from .model import GPT, PRESETS, GPTConfig, count_parameters
+
+
+def lm_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats per token) of a (inputs, targets) batch."""
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> GPT:
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown model preset '{cfg.preset}'; choose one of {', '.join(PRESETS)}")
+    n_layer, n_head, d_model = PRESETS[cfg.preset]
+    try:
+        gpt = GPTConfig(
+            vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer or n_layer,
+            n_head=cfg.n_head or n_head, d_model=cfg.d_model or d_model, dropout=cfg.dropout,
+            positions=cfg.positions, tie_embeddings=cfg.tie_embeddings,
+        )
+    except ValueError as exc:
+        raise UserError(f"model settings: {exc}") from None
+    return GPT(gpt)
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on biases, norms and embeddings' 1-D parameters (standard practice).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "adamw":
+        if len(cfg.betas) != 2:
+            raise UserError(f"optim.betas needs two numbers, got {cfg.betas}")
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise UserError(f"unknown optimizer '{cfg.name}'; choose adamw or sgd")
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    s = config.schedule
+    return config.optim.lr * float(lr_multiplier(
+        s.name, step, config.steps, warmup_steps=s.warmup_steps, min_ratio=s.min_ratio,
+        decay_steps=s.decay_steps or None, cycle_steps=s.cycle_steps or None,
+    ))
+
+
+def _check(config: TrainConfig) -> None:
+    if config.steps < 1:
+        raise UserError(f"steps must be at least 1, got {config.steps}")
+    if config.schedule.name not in SCHEDULES:
+        raise UserError(f"unknown schedule '{config.schedule.name}'; choose one of {', '.join(SCHEDULES)}")
+    if config.on_nonfinite not in ("stop", "skip"):
+        raise UserError(f"on_nonfinite must be 'stop' or 'skip', got '{config.on_nonfinite}'")
+    for name in ("every", "exact_every"):
+        if getattr(config.monitor, name) < 0:
+            raise UserError(f"monitor.{name} must be 0 (off) or a positive number of steps")
+    if config.data.batch_size < 1 or config.model.block_size < 2:
+        raise UserError("data.batch_size must be >= 1 and model.block_size >= 2")
+    if config.data.weights and len(config.data.weights) != len(config.data.sources):
+        raise UserError(f"data.weights has {len(config.data.weights)} numbers for {len(config.data.sources)} sources")
+
+
+def _repair_metrics(run_dir: Path, step: int) -> None:
+    """Keep the rows logged up to ``step``; a line cut by a hard kill is dropped."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(metrics_line(row) + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+class Trainer:
+    """Builds everything from a TrainConfig and runs it into ``out`` (a run directory)."""
+
+    def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False):
+        _check(config)
+        self.config = config
+        self.out = Path(out)
+        self.resume = resume
+        if not resume and (self.out / METRICS_FILE).exists():
+            raise UserError(f"'{self.out}' already holds a run; pass --resume to continue it or choose another --out")
+        if resume and not list_checkpoints(self.out):
+            raise UserError(f"'{self.out}' has no complete checkpoint to resume from")
+        try:
+            self.device = torch.device(config.device)
+        except RuntimeError:
+            raise UserError(f"unknown device '{config.device}'; use cpu, cuda or cuda:N") from None
+        torch.manual_seed(config.seed)
+        self.tokenizer = data_lib.ByteTokenizer()
+        self.sources = data_lib.load_sources(
+            config.data.sources, tokenizer=self.tokenizer, val_fraction=config.data.val_fraction,
+            max_bytes=config.data.max_bytes, seed=config.seed, block_size=config.model.block_size + 1)
+        data_lib.check_vocab(self.sources, self.tokenizer.vocab_size)
+        names = list(self.sources)
+        weights = dict(zip(names, config.data.weights)) if config.data.weights else None
+        block = config.model.block_size
+        self.sampler = data_lib.BatchSampler(self.sources, batch_size=config.data.batch_size, block_size=block,
+                                             weights=weights, seed=config.seed, split="train")
+        self.probe = data_lib.BatchSampler(self.sources, batch_size=config.monitor.probe_batch_size, block_size=block,
+                                           weights=weights, seed=config.seed + 1, split="val").batch_at(0)
+        self.val = data_lib.validation_batches(self.sources, batch_size=config.data.batch_size, block_size=block,
+                                               n_batches=config.eval.batches, seed=config.seed)
+        self.model = build_model(config.model, self.tokenizer.vocab_size).to(self.device)
+        self.n_params = count_parameters(self.model)
+        self.optimizer = build_optimizer(config.optim, self.model)
+        self.monitor = None
+        if config.monitor.every > 0:
+            self.monitor = SharpnessMonitor(self.model, lm_loss, self._to_device(self.probe), self.optimizer,
+                                            every=config.monitor.every, method=config.monitor.method,
+                                            rtol=config.monitor.rtol)
+        self.tokens_per_step = config.data.batch_size * block
+        self.start_step = 0
+
+    def _to_device(self, batch):
+        return tuple(t.to(self.device) for t in batch)
+
+    def run_config(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name, "group": self.config.group, "model": size_label(self.n_params),
+            "n_params": self.n_params, "source": "measured", "seed": self.config.seed,
+            "sources": list(self.sources), "train": to_dict(self.config),
+        }
+
+    # -- evaluation ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        out: dict[str, float] = {}
+        try:
+            losses = []
+            for name, batches in self.val.items():
+                loss = sum(float(lm_loss(self.model, self._to_device(b))) for b in batches) / len(batches)
+                out[f"eval/{name}/loss"] = loss
+                tokens_per_byte = self.sources[name].tokens_per_byte
+                if tokens_per_byte is not None:  # unknown for pre-tokenized .bin data
+                    out[f"eval/{name}/bpb"] = data_lib.bits_per_byte(loss, tokens_per_byte)
+                losses.append(loss)
+            out["eval/loss"] = sum(losses) / len(losses)
+            if "arithmetic" in self.sources and self.config.eval.arithmetic_problems > 0:
+                out["eval/arithmetic/accuracy"] = self.arithmetic_accuracy()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def arithmetic_accuracy(self) -> float:
+        """Exact match of greedy continuations on held-out problems (seeded apart)."""
+        problems = data_lib.arithmetic_problems(self.config.eval.arithmetic_problems, seed=self.config.seed + 7919)
+        correct = 0
+        block = self.config.model.block_size
+        for prompt, answer in problems:
+            ids = [int(t) for t in self.tokenizer.encode(prompt)]
+            for _ in range(len(answer) + 1):
+                x = torch.tensor([ids[-block:]], device=self.device)
+                ids.append(int(self.model(x)[0, -1].argmax()))
+            text = self.tokenizer.decode(ids[len(self.tokenizer.encode(prompt)):])
+            correct += text.split("\n")[0] == answer
+        return correct / len(problems)
+
+    def exact_curvature(self) -> dict[str, float]:
+        batch = self._to_device(self.probe)
+        cfg = self.config.monitor
+        out = {}
+        eig = hessian_eigenvalues(self.model, lm_loss, [batch], k=1, max_iter=cfg.lanczos_iters, tol=1e-3)
+        out["sharpness/lambda_max"] = eig.values[0]
+        trace = hessian_trace(self.model, lm_loss, [batch], samples=cfg.trace_samples)
+        out["sharpness/trace_per_param"] = trace.per_param
+        if isinstance(self.optimizer, torch.optim.AdamW) and self.optimizer.state:
+            pre = preconditioned_sharpness(self.model, lm_loss, [batch], self.optimizer,
+                                           max_iter=cfg.lanczos_iters, tol=1e-3)
+            out["sharpness/preconditioned"] = pre.value
+            out["sharpness/preconditioned_ratio"] = pre.ratio
+        return out
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        latest = list_checkpoints(self.out)[-1]
+        state = load_checkpoint(latest, self.model, self.optimizer)
+        self.start_step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.monitor is not None and state.get("monitor"):
+            self.monitor.load_state_dict(state["monitor"])
+        set_rng_state(state["rng"])
+        _repair_metrics(self.out, self.start_step)
+
+    def _checkpoint(self, step: int) -> None:
+        state = {"tokens": step * self.tokens_per_step, "sampler": self.sampler.state_dict(),
+                 "monitor": self.monitor.state_dict() if self.monitor else None}
+        save_checkpoint(self.out, step, self.model, self.optimizer, state, keep=self.config.checkpoint.keep)
+
+    def run(self) -> Path:
+        cfg = self.config
+        if self.resume:
+            self._restore()
+        self.out.mkdir(parents=True, exist_ok=True)
+        writer = RunWriter(self.out, self.run_config())
+        progress = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=cfg.steps, initial=self.start_step, desc=cfg.name, unit="step",
+                            file=sys.stderr, dynamic_ncols=True)
+        try:
+            if self.start_step == 0:
+                writer.log({"step": 0, "t": 0.0, "tokens": 0, **self.evaluate()})
+            self.model.train()
+            last_lambda = math.nan
+            for step in range(self.start_step, cfg.steps):
+                lr = lr_at(cfg, step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                batch = self._to_device(self.sampler.next_batch())
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = lm_loss(self.model, batch)
+                if not torch.isfinite(loss):
+                    if cfg.on_nonfinite == "stop":
+                        raise UserError(
+                            f"training loss became {float(loss.detach())} at step {step + 1}; lower optim.lr or "
+                            "raise schedule.warmup_steps (or set on_nonfinite=skip); earlier checkpoints are intact")
+                    continue
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+                if self.monitor is not None:
+                    with self.monitor.around_step(step):
+                        self.optimizer.step()
+                else:
+                    self.optimizer.step()
+                done = step + 1
+                row: dict[str, Any] = {"step": done, "t": done / cfg.steps, "tokens": done * self.tokens_per_step}
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    row.update({"lr": lr, "train/loss": float(loss.detach()), "train/grad_norm": float(grad_norm)})
+                if self.monitor is not None and self.monitor.latest is not None:
+                    row.update(self.monitor.latest)
+                    row["lr"] = lr
+                    row["sharpness/two_over_lr"] = 2.0 / lr
+                    last_lambda = row["sharpness/critical"]
+                if cfg.monitor.exact_every and done % cfg.monitor.exact_every == 0:
+                    row.update(self.exact_curvature())
+                if done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0):
+                    row.update(self.evaluate())
+                if len(row) > 3:
+                    writer.log(row)
+                if done == cfg.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                    self._checkpoint(done)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{float(loss.detach()):.3f}", lam_c=f"{last_lambda:.3g}", refresh=False)
+        finally:
+            writer.close()
+            if progress is not None:
+                progress.close()
+        return self.out
+
+
+def train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> Path:
+    """Run (or resume) a training run; returns the run directory."""
+    return Trainer(config, out, resume=resume).run()

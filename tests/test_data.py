@@ -1,0 +1,464 @@
+"""Tests for sharpscope.training.data (tokenizer, corpora, user data, batch sampler)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sharpscope.errors import UserError
+from sharpscope.training.data import (
+    ARITHMETIC_OPERATORS,
+    BatchSampler,
+    ByteTokenizer,
+    TokenSource,
+    arithmetic_problems,
+    bits_per_byte,
+    check_vocab,
+    clear_cache,
+    load_source,
+    load_sources,
+    validation_batches,
+)
+
+PROPS = settings(max_examples=100, deadline=None)
+# Small caps keep the built-in corpora quick to build; the defaults are exercised by the
+# benchmarks, and the code paths are the same.
+CODE_BYTES, PROSE_BYTES = 300_000, 300_000
+LINE = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)")
+TOK = ByteTokenizer()
+
+
+def text_of(tokens) -> bytes:
+    return np.asarray(tokens, dtype=np.uint8).tobytes()
+
+
+def answer(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+@pytest.fixture(scope="module")
+def code():
+    return load_source("code", max_bytes=CODE_BYTES)
+
+
+@pytest.fixture(scope="module")
+def prose():
+    return load_source("prose", max_bytes=PROSE_BYTES)
+
+
+@pytest.fixture(scope="module")
+def arithmetic():
+    return load_source("arithmetic")
+
+
+@pytest.fixture(scope="module")
+def builtins(code, prose, arithmetic):
+    return {"code": code, "prose": prose, "arithmetic": arithmetic}
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+@PROPS
+@given(st.text())
+def test_byte_tokenizer_round_trips_text(text):
+    ids = TOK.encode(text)
+    assert ids.dtype == np.uint16
+    assert len(ids) == len(text.encode("utf-8"))
+    assert TOK.decode(ids) == text
+    assert TOK.decode(torch.from_numpy(ids.astype(np.int64))) == text
+    assert TOK.decode(ids.tolist()) == text
+
+
+@PROPS
+@given(st.binary())
+def test_byte_tokenizer_decodes_any_bytes(data):
+    ids = np.frombuffer(data, dtype=np.uint8)
+    assert TOK.decode(ids) == data.decode("utf-8", errors="replace")
+
+
+def test_byte_tokenizer_constants_and_range():
+    assert (TOK.vocab_size, TOK.name) == (256, "bytes")
+    assert TOK.encode("é").tolist() == [0xC3, 0xA9]
+    with pytest.raises(ValueError):
+        TOK.decode([256])
+
+
+# --------------------------------------------------------------------------- built-in corpora
+
+
+@pytest.mark.parametrize("name", ["code", "prose", "arithmetic"])
+def test_builtin_source_loads(builtins, name):
+    source = builtins[name]
+    assert isinstance(source, TokenSource) and source.name == name
+    assert source.train.dtype == source.val.dtype == np.uint16
+    assert len(source.train) > 10_000 and len(source.val) > 500
+    assert source.tokens_per_byte == 1.0 and source.tokenizer == "bytes"
+    # About 5% for validation (text cuts move to a document start, within a quarter).
+    assert 0.05 * 0.7 < len(source.val) / (len(source.train) + len(source.val)) < 0.05 * 1.3
+    assert not source.train.flags.writeable  # cached corpora are shared, so read-only
+
+
+@pytest.mark.parametrize("name,cap", [("code", CODE_BYTES), ("prose", PROSE_BYTES)])
+def test_text_corpora_respect_cap(builtins, name, cap):
+    source = builtins[name]
+    assert len(source.train) + len(source.val) == cap
+
+
+@pytest.mark.parametrize("name,kwargs", [("code", {"max_bytes": CODE_BYTES}),
+                                         ("prose", {"max_bytes": PROSE_BYTES}),
+                                         ("arithmetic", {"seed": 0})])
+def test_builtin_source_is_deterministic(builtins, name, kwargs):
+    clear_cache()  # rebuild from the files, not from the in-process cache
+    again = load_source(name, **kwargs)
+    np.testing.assert_array_equal(again.train, builtins[name].train)
+    np.testing.assert_array_equal(again.val, builtins[name].val)
+
+
+def _digest(sources) -> str:
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(np.ascontiguousarray(s.train).tobytes())
+        h.update(np.ascontiguousarray(s.val).tobytes())
+    return h.hexdigest()
+
+
+def test_builtin_sources_are_the_same_in_another_process(builtins):
+    # Guards against anything that varies between processes (hash seeds, listing order).
+    script = (
+        "import hashlib, numpy as np\n"
+        "from sharpscope.training.data import load_source\n"
+        "h = hashlib.sha256()\n"
+        f"for spec, cap in (('code', {CODE_BYTES}), ('prose', {PROSE_BYTES}), ('arithmetic', None)):\n"
+        "    s = load_source(spec, max_bytes=cap)\n"
+        "    h.update(np.ascontiguousarray(s.train).tobytes()); h.update(np.ascontiguousarray(s.val).tobytes())\n"
+        "print(h.hexdigest())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "12345", "PATH": ""})
+    assert out.stdout.strip() == _digest([builtins["code"], builtins["prose"], builtins["arithmetic"]])
+
+
+def test_code_is_python_source_split_between_files(code):
+    train, val = text_of(code.train).decode(), text_of(code.val).decode()
+    headers = re.compile(r"^# ---- (\S+\.py) ----$", re.M)
+    train_files, val_files = set(headers.findall(train)), set(headers.findall(val))
+    assert len(train_files) > 5 and val_files
+    assert train_files.isdisjoint(val_files)
+    assert val.startswith("# ---- ")  # the cut falls on a file boundary
+    assert "def " in train and "import " in train
+
+
+def test_prose_is_english_and_val_is_not_in_train(prose):
+    train, val = text_of(prose.train), text_of(prose.val)
+    words = re.findall(rb"[a-z]+", train.lower())
+    common = sum(w in (b"the", b"of", b"a", b"is", b"to", b"and") for w in words)
+    assert common / len(words) > 0.1
+    for start in range(0, len(val) - 256, max(1, (len(val) - 256) // 8)):
+        assert val[start:start + 256] not in train
+
+
+def test_prose_ignores_ordinary_code():
+    # Docstrings come from parsing, so code bodies never leak in.
+    prose = load_source("prose", max_bytes=PROSE_BYTES)
+    text = text_of(prose.train).decode("utf-8", errors="replace")
+    assert "def __init__(self" not in text
+
+
+def test_arithmetic_lines_are_all_correct(arithmetic):
+    for split in (arithmetic.train, arithmetic.val):
+        lines = text_of(split).decode("ascii").splitlines()
+        assert len(lines) > 100
+        ops = set()
+        for line in lines:
+            m = LINE.fullmatch(line)
+            assert m, line
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert 0 <= a <= 99 and 0 <= b <= 99
+            assert answer(a, op, b) == c, line
+            ops.add(op)
+        assert ops == set(ARITHMETIC_OPERATORS)
+
+
+def test_arithmetic_val_problems_never_appear_in_train(arithmetic):
+    train = set(text_of(arithmetic.train).decode().splitlines())
+    val = set(text_of(arithmetic.val).decode().splitlines())
+    assert train.isdisjoint(val)
+
+
+def test_arithmetic_seed_changes_the_stream_not_the_held_out_set(arithmetic):
+    other = load_source("arithmetic", seed=1)
+    assert not np.array_equal(other.train[:1000], arithmetic.train[:1000])
+    val0 = set(text_of(arithmetic.val).decode().splitlines())
+    train1 = set(text_of(other.train).decode().splitlines())
+    assert val0.isdisjoint(train1)
+
+
+def test_arithmetic_problems_are_right_and_held_out(arithmetic):
+    problems = arithmetic_problems(300, seed=3)
+    assert len(problems) == 300 and len(set(problems)) == 300  # no repeats within the pool
+    for prompt, ans in problems:
+        m = LINE.fullmatch(prompt + ans)
+        assert m and prompt.endswith("=")
+        assert answer(int(m[1]), m[2], int(m[3])) == int(ans)
+    assert problems == arithmetic_problems(300, seed=3)
+    assert problems != arithmetic_problems(300, seed=4)
+    train_lines = set(text_of(arithmetic.train).decode().splitlines())
+    assert not any(p + a in train_lines for p, a in problems)
+    seen = [p + a for p, a in arithmetic_problems(200, seed=0, split="train")]
+    assert sum(line in train_lines for line in seen) > 150
+    assert len(arithmetic_problems(5000, seed=0)) == 5000  # beyond the pool: it repeats
+
+
+# --------------------------------------------------------------------------- user data
+
+
+def test_text_file_loads(tmp_path):
+    path = tmp_path / "story.txt"
+    text = "Once upon a time, naïve café owners sold tea. " * 200
+    path.write_text(text, encoding="utf-8")
+    source = load_source(str(path), block_size=64)
+    assert source.name == "story" and source.origin == str(path)
+    assert text_of(np.concatenate([source.train, source.val])).decode() == text
+    assert len(source.val) == round(0.05 * len(text.encode()))
+
+
+def test_folder_loads_text_files_sorted_recursively(tmp_path):
+    (tmp_path / "b.md").write_text("B" * 300)
+    (tmp_path / "a.txt").write_text("A" * 300)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.py").write_text("C" * 300)
+    (tmp_path / "skip.csv").write_text("X" * 300)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD.txt").write_text("Z" * 300)
+    source = load_source(str(tmp_path), val_fraction=0.3)
+    text = text_of(np.concatenate([source.train, source.val])).decode()
+    assert text == "A" * 300 + "\n\n" + "B" * 300 + "\n\n" + "C" * 300
+    # 30% asks for 271 tokens; the last file's start (300 tokens before the end) is near enough.
+    assert text_of(source.val).decode() == "C" * 300
+    assert source.name == tmp_path.name
+
+
+def test_bin_file_loads_with_and_without_val(tmp_path):
+    tokens = (np.arange(5000) % 300).astype(np.uint16)
+    (tmp_path / "train.bin").write_bytes(tokens.tobytes())
+    alone = load_source(str(tmp_path / "train.bin"))
+    np.testing.assert_array_equal(np.concatenate([alone.train, alone.val]), tokens)
+    assert len(alone.val) == 250 and alone.tokens_per_byte is None
+    assert alone.name == tmp_path.name
+
+    val = (np.arange(700) % 300).astype(np.uint16)
+    val.tofile(tmp_path / "val.bin")
+    paired = load_source(f"mydata:{tmp_path / 'train.bin'}")
+    assert paired.name == "mydata"
+    np.testing.assert_array_equal(paired.train, tokens)
+    np.testing.assert_array_equal(paired.val, val)
+    with pytest.raises(UserError, match="vocab"):
+        check_vocab({"mydata": paired}, 256)
+    check_vocab({"mydata": paired}, 300)
+
+
+def test_named_spec_for_builtin_and_duplicates(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello world " * 100)
+    sources = load_sources(["arithmetic", f"mine:{path}"])
+    assert list(sources) == ["arithmetic", "mine"]
+    assert load_source("maths:arithmetic").name == "maths"
+    with pytest.raises(UserError, match="two data sources"):
+        load_sources([str(path), str(path)])
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "short", "odd_bin", "empty_bin", "empty_folder"])
+def test_user_errors_name_the_path(tmp_path, case):
+    if case == "missing":
+        path = tmp_path / "nowhere.txt"
+    elif case == "empty":
+        path = tmp_path / "empty.txt"
+        path.write_bytes(b"")
+    elif case == "short":
+        path = tmp_path / "short.txt"
+        path.write_text("too short")
+    elif case == "odd_bin":
+        path = tmp_path / "train.bin"
+        path.write_bytes(b"\x01\x00\x02")
+    elif case == "empty_bin":
+        path = tmp_path / "tokens.bin"
+        path.write_bytes(b"")
+    else:
+        path = tmp_path / "nothing_here"
+        path.mkdir()
+        (path / "data.csv").write_text("1,2,3")
+    with pytest.raises(UserError) as err:
+        load_source(str(path), block_size=64)
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message
+
+
+def test_bad_val_fraction_is_refused():
+    with pytest.raises(UserError, match="val_fraction"):
+        load_source("arithmetic", val_fraction=1.0)
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+@pytest.fixture(scope="module")
+def mixture(code, arithmetic):
+    return {"code": code, "arithmetic": arithmetic}
+
+
+def contains_window(source_tokens: np.ndarray, row) -> bool:
+    return text_of(row.numpy()) in text_of(source_tokens)
+
+
+def test_batches_are_shifted_windows_of_the_named_source(mixture):
+    sampler = BatchSampler(mixture, batch_size=8, block_size=32, seed=1)
+    x, y = sampler.batch_at(5)
+    assert x.shape == y.shape == (8, 32) and x.dtype == y.dtype == torch.long
+    assert x.is_contiguous() and y.is_contiguous()
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for name, xr, yr in zip(sampler.rows_per_source(5), x, y):
+        assert contains_window(mixture[name].train, torch.cat([xr, yr[-1:]]))
+
+
+def test_sampler_is_deterministic_and_seeded(mixture):
+    a = BatchSampler(mixture, batch_size=4, block_size=16, seed=7)
+    b = BatchSampler(dict(reversed(list(mixture.items()))), batch_size=4, block_size=16, seed=7)
+    c = BatchSampler(mixture, batch_size=4, block_size=16, seed=8)
+    for k in range(5):
+        xa, ya = a.next_batch()
+        xb, yb = b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(a.batch_at(0)[0], c.batch_at(0)[0])
+
+
+def test_batch_at_equals_kth_next_batch_and_does_not_move(mixture):
+    sampler = BatchSampler(mixture, batch_size=4, block_size=16, seed=2)
+    expected = [sampler.batch_at(k) for k in range(6)]
+    assert sampler.position == 0
+    for k in range(6):
+        x, y = sampler.next_batch()
+        assert torch.equal(x, expected[k][0]) and torch.equal(y, expected[k][1])
+    assert sampler.state_dict() == {"position": 6}
+
+
+def test_state_round_trip_resumes_exactly(mixture):
+    first = BatchSampler(mixture, batch_size=4, block_size=16, seed=3)
+    for _ in range(3):
+        first.next_batch()
+    state = first.state_dict()
+    rest = [first.next_batch() for _ in range(4)]
+    resumed = BatchSampler(mixture, batch_size=4, block_size=16, seed=3)
+    resumed.load_state_dict(state)
+    for x, y in rest:
+        rx, ry = resumed.next_batch()
+        assert torch.equal(rx, x) and torch.equal(ry, y)
+    with pytest.raises(UserError, match="position"):
+        resumed.load_state_dict({"step": 3})
+
+
+def test_mixture_weights_are_respected(mixture):
+    sampler = BatchSampler(mixture, batch_size=16, block_size=32, weights={"code": 0.8, "arithmetic": 0.2})
+    names = [n for k in range(200) for n in sampler.rows_per_source(k)]
+    assert abs(names.count("code") / len(names) - 0.8) < 0.05
+    # The labels tell the truth: arithmetic rows hold only digits, operators and newlines.
+    x, _ = sampler.batch_at(0)
+    for name, row in zip(sampler.rows_per_source(0), x):
+        only_arithmetic = set(text_of(row.numpy())) <= set(b"0123456789+-*=\n")
+        assert only_arithmetic == (name == "arithmetic")
+
+
+def test_zero_weight_excludes_a_source(mixture):
+    sampler = BatchSampler(mixture, batch_size=16, block_size=8, weights={"code": 0, "arithmetic": 1})
+    assert all(n == "arithmetic" for k in range(50) for n in sampler.rows_per_source(k))
+    x, _ = sampler.source_batch("code", 0)  # still there for per-source evaluation
+    assert contains_window(mixture["code"].train, x[0])
+
+
+@pytest.mark.parametrize("weights,match", [
+    ({"code": -1, "arithmetic": 1}, "finite number"),
+    ({"code": 0, "arithmetic": 0}, "all source weights are zero"),
+    ({"code": 1, "arithmetic": 1, "maths": 1}, "unknown source"),
+    ({"code": 1}, "no weight"),
+    ({"code": float("nan"), "arithmetic": 1}, "finite number"),
+])
+def test_bad_weights_are_refused(mixture, weights, match):
+    with pytest.raises(UserError, match=match):
+        BatchSampler(mixture, batch_size=2, block_size=8, weights=weights)
+
+
+def test_short_source_is_refused(tmp_path, arithmetic):
+    path = tmp_path / "tiny.txt"
+    path.write_text("x" * 200)
+    tiny = load_source(str(path))
+    with pytest.raises(UserError, match="tiny") as err:
+        BatchSampler({"tiny": tiny, "arithmetic": arithmetic}, batch_size=2, block_size=190)
+    assert str(path) in str(err.value)
+
+
+def test_source_batch_is_from_one_source_and_stable(mixture, prose):
+    sampler = BatchSampler(mixture, batch_size=6, block_size=24, seed=4)
+    x, y = sampler.source_batch("arithmetic", 3)
+    assert all(contains_window(mixture["arithmetic"].train, r) for r in x)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    bigger = BatchSampler({**mixture, "prose": prose}, batch_size=6, block_size=24, seed=4)
+    assert torch.equal(bigger.source_batch("arithmetic", 3)[0], x)
+    assert not torch.equal(sampler.source_batch("arithmetic", 4)[0], x)
+    with pytest.raises(UserError, match="unknown data source"):
+        sampler.source_batch("maths", 0)
+
+
+def test_val_split_sampler_draws_from_val(arithmetic):
+    sampler = BatchSampler({"arithmetic": arithmetic}, batch_size=4, block_size=24, split="val")
+    x, _ = sampler.next_batch()
+    assert all(contains_window(arithmetic.val, r) for r in x)
+
+
+# --------------------------------------------------------------------------- validation batches
+
+
+def test_validation_batches_are_fixed_and_from_val(mixture):
+    first = validation_batches(mixture, batch_size=4, block_size=32, n_batches=3, seed=0)
+    again = validation_batches(mixture, batch_size=4, block_size=32, n_batches=3, seed=0)
+    assert list(first) == list(mixture)
+    train_lines = set(text_of(mixture["arithmetic"].train).decode().splitlines())
+    for name, batches in first.items():
+        assert len(batches) == 3
+        for (x, y), (x2, y2) in zip(batches, again[name]):
+            assert x.shape == (4, 32) and torch.equal(x, x2) and torch.equal(y, y2)
+            assert torch.equal(x[:, 1:], y[:, :-1])
+            assert all(contains_window(mixture[name].val, r) for r in x)
+    # Held-out arithmetic: every complete line in a validation window is unseen in training.
+    for x, _ in first["arithmetic"]:
+        for row in x:
+            complete = text_of(row.numpy()).decode().split("\n")[1:-1]
+            assert complete and not any(line in train_lines for line in complete)
+    # Stratified: windows spread across the split, in order.
+    starts = [text_of(mixture["code"].val).find(text_of(r.numpy())) for x, _ in first["code"] for r in x]
+    assert starts == sorted(starts) and starts[-1] > len(mixture["code"].val) // 2
+
+
+def test_validation_batches_refuse_short_val(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("y" * 400)
+    with pytest.raises(UserError, match="val tokens"):
+        validation_batches({"small": load_source(str(path))}, batch_size=2, block_size=32, n_batches=1)
+
+
+# --------------------------------------------------------------------------- bits per byte
+
+
+def test_bits_per_byte():
+    assert bits_per_byte(math.log(2)) == pytest.approx(1.0)
+    assert bits_per_byte(2.0) == pytest.approx(2.0 / math.log(2))
+    assert bits_per_byte(3.0, tokens_per_byte=0.25) == pytest.approx(0.75 / math.log(2))
+    with pytest.raises(ValueError):
+        bits_per_byte(1.0, tokens_per_byte=0)
