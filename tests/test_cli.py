@@ -286,10 +286,17 @@ def test_demo_writes_html(capsys, tmp_path):
     assert str(html) in text
     assert html.read_text().lstrip().startswith("<!DOCTYPE html>")
     assert (out / "report" / "summary.json").is_file()
+    # the real run: trained with the monitor on, analysed beside the simulated study
+    trained = out / "study" / "training" / "tiny-demo"
+    assert (trained / "checkpoints" / "step00000200" / "model.safetensors").is_file()
+    table = (out / "report" / "tables" / "training.csv").read_text()
+    assert "tiny-demo" in table
+    assert (out / "report" / "figures" / "training.png").is_file()
+    assert "Measured training runs" in html.read_text()
 
 
 def test_module_help():
     proc = subprocess.run([sys.executable, "-m", "sharpscope", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for command in ("simulate", "analyze", "fit", "demo"):
+    for command in ("simulate", "train", "measure", "analyze", "fit", "demo"):
         assert command in proc.stdout

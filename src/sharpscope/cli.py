@@ -210,11 +210,24 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 # --- demo ------------------------------------------------------------------------------
 
+def _demo_training_config():
+    """The demo's real run: the 'tiny' GPT on the three built-in corpora, monitor on."""
+    from .config import load_config
+    from .training.config import TrainConfig
+
+    return load_config(TrainConfig, None, [
+        "name=tiny-demo", "group=training", "steps=200", "progress=false", "model.preset=tiny",
+        "model.block_size=64", "data.sources=code,prose,arithmetic", "data.max_bytes=1000000",
+        "monitor.every=10", "monitor.exact_every=50", "eval.every=50", "eval.batches=2",
+        "eval.arithmetic_problems=20", "checkpoint.every=100"])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .simulation import SimulationConfig, write_study
+    from .training.trainer import train
 
     out = Path(args.out)
-    study = out / "simulated"
+    study = out / "study"
     for path in (out, study, out / "report"):
         if path.exists() and not path.is_dir():
             raise UserError(f"'{path}' exists and is not a directory; choose another --out")
@@ -223,7 +236,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     paths = write_study(SimulationConfig(), study)
     print(f"[demo] simulated study: {len(paths)} runs -> {study}")
-    _analyze(study, out / "report", title="sharpscope demo: the simulated study of sharpness across scales")
+    if not args.no_training:
+        config = _demo_training_config()
+        run = train(config, study / "training" / config.name)
+        print(f"[demo] trained the tiny GPT ({config.steps} steps, critical sharpness every "
+              f"{config.monitor.every}) -> {run} ({time.perf_counter() - t0:.1f} s so far)")
+    _analyze(study, out / "report", title="sharpscope demo: sharpness across scales, simulated and measured")
     print(f"[demo] done in {time.perf_counter() - t0:.1f} s; open {out / 'report' / 'report.html'}")
     return 0
 
@@ -289,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the built-in demo end to end")
     d.add_argument("--out", default="demo-output", help="output directory (replaced)")
+    d.add_argument("--no-training", action="store_true", help="only the simulated study")
     d.set_defaults(func=cmd_demo)
     return p
 

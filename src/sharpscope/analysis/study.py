@@ -257,6 +257,10 @@ def analyze_runs(runs: list[Run], opts: AnalysisOptions | None = None) -> StudyA
             "rel_error_pct": 100 * abs(pred["predicted"] - obs) / abs(obs) if math.isfinite(obs) else float("nan"),
             "within_interval": (pred["lower"] <= obs <= pred["upper"]) if math.isfinite(obs) else None})
 
+    # --- training runs (measured with the live monitor) ----------------------------------
+    if out.group("training"):  # only studies with trained runs get the table
+        out.tables["training"] = [_training_row(r) for r in sorted(out.group("training"), key=lambda r: r.run.n_params)]
+
     # --- early prediction ---------------------------------------------------------------
     plain = [r for r in summaries if r.run.group in ("scales", "extrapolation")]
     out.tables["early_prediction"] = [_early_prediction(plain, h) for h in opts.early_horizons]
@@ -289,6 +293,27 @@ def analyze_runs(runs: list[Run], opts: AnalysisOptions | None = None) -> StudyA
                              for row in out.tables["early_prediction"]},
     }
     return out
+
+
+def _training_row(r: RunSummary) -> dict[str, Any]:
+    """One trained run: its loss, its sharpness and how often the step outran η_c."""
+    run = r.run
+    _, ratio = run.series("sharpness/lr_over_eta_c")
+    ratio = ratio[np.isfinite(ratio)]
+    _, lam_max = run.series("sharpness/lambda_max")
+    _, eval_loss = run.series("eval/loss")
+    _, evals = run.series("sharpness/evals")
+    return {
+        "name": run.name, "model": run.model, "n_params": int(run.n_params),
+        "steps": max((row["step"] for row in run.metrics), default=0),
+        "final_train_loss": r.final_loss, "final_eval_loss": float(eval_loss[-1]) if eval_loss.size else float("nan"),
+        "peak_sharpness": r.peak, "final_sharpness": r.final,
+        "final_lambda_max": final_value(lam_max) if lam_max.size else float("nan"),
+        "frac_lr_above_eta_c": float(np.mean(ratio > 1.0)) if ratio.size else float("nan"),
+        "median_evals": float(np.median(evals)) if evals.size else float("nan"),
+        "three_phase": r.phases.preserved, "reason": r.phases.reason,
+        "r_sharpness_loss": r.r_loss,
+    }
 
 
 def _early_prediction(runs: list[RunSummary], horizon: float) -> dict[str, Any]:

@@ -233,6 +233,38 @@ def schedules(a: StudyAnalysis):
     return fig
 
 
+def training(a: StudyAnalysis):
+    """Measured runs: λ_c against the 2/lr stability line, and the losses."""
+    runs = a.group("training")
+    if not runs:
+        return None
+    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.6 * len(runs)), squeeze=False)
+    for (ax_s, ax_l), r in zip(axes, runs):
+        run = r.run
+        ax_s.plot(r.t, r.sharpness, ".-", lw=1, ms=3, label="critical sharpness λ_c")
+        t_lr, two_over_lr = run.series("sharpness/two_over_lr")
+        if t_lr.size:
+            ax_s.plot(t_lr, two_over_lr, "k--", lw=1, label="2/lr (stability edge of the step)")
+        t_max, lam_max = run.series("sharpness/lambda_max")
+        if t_max.size:
+            ax_s.plot(t_max, lam_max, "s", ms=4, label="λ_max (Lanczos)")
+        ax_s.set_yscale("log")
+        ax_s.set_xlabel("training progress t")
+        ax_s.set_title(f"{run.name} ({run.model})")
+        _legend(ax_s)
+        t_loss, loss_values = run.series("train/loss")
+        ax_l.plot(t_loss, loss_values, lw=1, label="train/loss")
+        t_eval, eval_loss = run.series("eval/loss")
+        if t_eval.size:
+            ax_l.plot(t_eval, eval_loss, "o-", ms=4, label="eval/loss")
+        ax_l.set_xlabel("training progress t")
+        ax_l.set_ylabel("loss (nats/token)")
+        _legend(ax_l)
+    fig.suptitle("Measured training runs")
+    fig.tight_layout()
+    return fig
+
+
 def extrapolation(a: StudyAnalysis):
     law = a.scaling
     rows = a.tables["extrapolation"]
@@ -274,7 +306,7 @@ FIGURES: dict[str, Callable[[StudyAnalysis], object]] = {
     "trajectories": trajectories, "loss": loss, "accuracy": accuracy, "scaling_law": scaling_law,
     "sharpness_gradient": sharpness_gradient, "sharpness_accuracy": sharpness_accuracy,
     "ablations": ablations, "pac_bayes": pac_bayes, "measures": measures, "schedules": schedules,
-    "extrapolation": extrapolation, "phases": phases,
+    "extrapolation": extrapolation, "phases": phases, "training": training,
 }
 
 

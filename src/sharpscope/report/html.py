@@ -24,6 +24,7 @@ FIGURE_CAPTIONS = {
     "schedules": "Sharpness under five learning-rate schedules.",
     "extrapolation": "Log-linear extrapolation with 95% intervals of the fitted mean, against observed values.",
     "phases": "Mean sharpness in the three fixed windows.",
+    "training": "Measured training runs: critical sharpness along the optimizer's update against 2/lr, λ_max, and the losses.",
 }
 
 TABLE_TITLES = {
@@ -31,6 +32,7 @@ TABLE_TITLES = {
     "phases": "Phases", "pac_bayes": "PAC-Bayes bound", "measures": "Three measures: log-linear fits",
     "measures_by_scale": "Three measures: final values", "schedules": "Schedules", "ablations": "Ablations",
     "extrapolation": "Extrapolation", "early_prediction": "Early prediction of final sharpness",
+    "training": "Measured training runs",
 }
 
 CSS = """
