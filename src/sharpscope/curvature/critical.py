@@ -246,14 +246,16 @@ def _fast_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals, slop
             # Only non-increasing probes so far: step up to the predicted root (at most
             # MAX_GROWTH times), or double when there is no prediction.
             if r is None or not r > 0:
-                r = 2.0 * lo[0]
+                r = 4.0 * lo[0]
             eta = min(max(r, lo[0] * close), MAX_GROWTH * lo[0])
             if eta > eta_max:
                 return "no_increase"
         else:
             # Only increasing probes so far: step down likewise.
             if r is None or not r > 0:
-                r = 0.5 * hi[0]
+                # No prediction (e.g. every probe so far rose): fall faster than halving,
+                # so an uphill direction reaches "not_descent" in a few probes.
+                r = 0.25 * hi[0]
             eta = max(min(r, hi[0] / close), hi[0] / MAX_GROWTH)
             if eta < eta_min:
                 return "not_descent"
