@@ -97,6 +97,28 @@ def _check(config: TrainConfig) -> None:
         raise UserError(f"data.weights has {len(config.data.weights)} numbers for {len(config.data.sources)} sources")
 
 
+def _distributed_setup(config: TrainConfig) -> tuple[int, int, bool]:
+    """(world size, rank, whether we initialised the group) under torchrun, else (1, 0, False).
+
+    torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; the group uses gloo on CPU, nccl on CUDA.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return 1, 0, False
+    created = False
+    if not dist.is_initialized():
+        backend = "nccl" if config.device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+        created = True
+    return dist.get_world_size(), dist.get_rank(), created
+
+
 def _repair_metrics(run_dir: Path, step: int) -> None:
     """Keep the rows logged up to ``step``; a line cut by a hard kill is dropped."""
     path = run_dir / METRICS_FILE
@@ -129,6 +151,15 @@ class Trainer:
             self.device = torch.device(config.device)
         except RuntimeError:
             raise UserError(f"unknown device '{config.device}'; use cpu, cuda or cuda:N") from None
+        self.world, self.rank, self._own_group = _distributed_setup(config)
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            for what, size in (("data.batch_size", config.data.batch_size),
+                               ("monitor.probe_batch_size", config.monitor.probe_batch_size)):
+                if size % self.world:
+                    raise UserError(f"{what} ({size}) must be divisible by the number of processes ({self.world}): "
+                                    "it is the global batch, split evenly over ranks")
         torch.manual_seed(config.seed)
         self.tokenizer = data_lib.ByteTokenizer()
         self.sources = data_lib.load_sources(
@@ -149,14 +180,35 @@ class Trainer:
         self.optimizer = build_optimizer(config.optim, self.model)
         self.monitor = None
         if config.monitor.every > 0:
-            self.monitor = SharpnessMonitor(self.model, lm_loss, self._to_device(self.probe), self.optimizer,
+            self.monitor = SharpnessMonitor(self.model, lm_loss, self._shard(self.probe), self.optimizer,
                                             every=config.monitor.every, method=config.monitor.method,
                                             rtol=config.monitor.rtol)
         self.tokens_per_step = config.data.batch_size * block
         self.start_step = 0
+        self.forward_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(self.model)
 
     def _to_device(self, batch):
         return tuple(t.to(self.device) for t in batch)
+
+    def _shard(self, batch):
+        """This rank's rows of a global batch (contiguous, equal shares)."""
+        if self.world == 1:
+            return self._to_device(batch)
+        share = batch[0].shape[0] // self.world
+        return tuple(t[self.rank * share:(self.rank + 1) * share].to(self.device) for t in batch)
+
+    def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / self.world
 
     def run_config(self) -> dict[str, Any]:
         return {
@@ -203,7 +255,7 @@ class Trainer:
         return correct / len(problems)
 
     def exact_curvature(self) -> dict[str, float]:
-        batch = self._to_device(self.probe)
+        batch = self._shard(self.probe)  # every rank takes part; products are all-reduced
         cfg = self.config.monitor
         out = {}
         eig = hessian_eigenvalues(self.model, lm_loss, [batch], k=1, max_iter=cfg.lanczos_iters, tol=1e-3)
@@ -238,16 +290,19 @@ class Trainer:
         cfg = self.config
         if self.resume:
             self._restore()
-        self.out.mkdir(parents=True, exist_ok=True)
-        writer = RunWriter(self.out, self.run_config())
+        lead = self.rank == 0  # only rank 0 writes metrics and checkpoints
+        writer = None
+        if lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            writer = RunWriter(self.out, self.run_config())
         progress = None
-        if cfg.progress:
+        if cfg.progress and lead:
             from tqdm import tqdm
 
             progress = tqdm(total=cfg.steps, initial=self.start_step, desc=cfg.name, unit="step",
                             file=sys.stderr, dynamic_ncols=True)
         try:
-            if self.start_step == 0:
+            if self.start_step == 0 and lead:
                 writer.log({"step": 0, "t": 0.0, "tokens": 0, **self.evaluate()})
             self.model.train()
             last_lambda = math.nan
@@ -255,13 +310,14 @@ class Trainer:
                 lr = lr_at(cfg, step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                batch = self._to_device(self.sampler.next_batch())
+                batch = self._shard(self.sampler.next_batch())
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = lm_loss(self.model, batch)
-                if not torch.isfinite(loss):
+                loss = lm_loss(self.forward_model, batch)
+                global_loss = self._global_mean(loss.detach())
+                if not torch.isfinite(global_loss):
                     if cfg.on_nonfinite == "stop":
                         raise UserError(
-                            f"training loss became {float(loss.detach())} at step {step + 1}; lower optim.lr or "
+                            f"training loss became {float(global_loss)} at step {step + 1}; lower optim.lr or "
                             "raise schedule.warmup_steps (or set on_nonfinite=skip); earlier checkpoints are intact")
                     continue
                 loss.backward()
@@ -275,7 +331,7 @@ class Trainer:
                 done = step + 1
                 row: dict[str, Any] = {"step": done, "t": done / cfg.steps, "tokens": done * self.tokens_per_step}
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    row.update({"lr": lr, "train/loss": float(loss.detach()), "train/grad_norm": float(grad_norm)})
+                    row.update({"lr": lr, "train/loss": float(global_loss), "train/grad_norm": float(grad_norm)})
                 if self.monitor is not None and self.monitor.latest is not None:
                     row.update(self.monitor.latest)
                     row["lr"] = lr
@@ -283,20 +339,30 @@ class Trainer:
                     last_lambda = row["sharpness/critical"]
                 if cfg.monitor.exact_every and done % cfg.monitor.exact_every == 0:
                     row.update(self.exact_curvature())
-                if done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0):
+                if lead and (done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
                     row.update(self.evaluate())
-                if len(row) > 3:
+                if lead and len(row) > 3:
                     writer.log(row)
-                if done == cfg.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                if lead and (done == cfg.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0)):
                     self._checkpoint(done)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{float(loss.detach()):.3f}", lam_c=f"{last_lambda:.3g}", refresh=False)
+                    progress.set_postfix(loss=f"{float(global_loss):.3f}", lam_c=f"{last_lambda:.3g}", refresh=False)
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
             if progress is not None:
                 progress.close()
+            self._finish_distributed()
         return self.out
+
+    def _finish_distributed(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
+            if self._own_group:
+                dist.destroy_process_group()
 
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> Path:
