@@ -85,15 +85,31 @@ class SharpnessMonitor:
     @contextmanager
     def around_step(self, step: int) -> Iterator[DirectionCapture | None]:
         """Wrap ``optimizer.step()``; measures afterwards when ``step`` is due."""
-        self.latest = None
-        if not self.due(step):
-            yield None
-            return
-        capture = DirectionCapture(self.model, self.optimizer, keep_before=self.at == "before")
-        with capture:
+        capture = self.begin_step(step)
+        try:
             yield capture
-        if capture.direction is not None:
-            self.measure(capture)
+        except BaseException:
+            self._capture = None  # the step failed: nothing to measure
+            raise
+        self.end_step()
+
+    def begin_step(self, step: int) -> DirectionCapture | None:
+        """Call just before ``optimizer.step()`` (for callback APIs with separate hooks)."""
+        self.latest = None
+        self._capture = None
+        if not self.due(step):
+            return None
+        capture = DirectionCapture(self.model, self.optimizer, keep_before=self.at == "before")
+        self._capture = capture.__enter__()
+        return capture
+
+    def end_step(self) -> dict[str, float] | None:
+        """Call just after ``optimizer.step()``; returns the metrics when a measurement ran."""
+        capture, self._capture = getattr(self, "_capture", None), None
+        if capture is None:
+            return None
+        capture.__exit__(None, None, None)
+        return self.measure(capture) if capture.direction is not None else None
 
     def measure(self, capture: DirectionCapture) -> dict[str, float]:
         """Measure along a captured direction; returns (and keeps in ``latest``) the metrics."""
