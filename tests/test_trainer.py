@@ -166,3 +166,16 @@ def test_tiny_config_file_loads():
 
     cfg = load_config(TrainConfig, Path(__file__).parent.parent / "configs" / "tiny.toml")
     assert cfg.model.preset == "tiny" and cfg.monitor.every == 10
+
+
+def test_tensorboard_sink_mirrors_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert run_cli("--out", str(out), "--steps", "6", "--monitor-every", "3", *TINY, "logging.tensorboard=true") == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([r["train/loss"] for r in metric_rows(out) if "train/loss" in r], rel=1e-6)
+    assert [e.step for e in events.Scalars("sharpness/evals")] == [1, 4]

@@ -117,6 +117,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    """Also write TensorBoard event files to RUN/tensorboard (needs tensorboard)."""
+    wandb: bool = False
+    """Also log to Weights & Biases in offline mode under RUN/wandb (needs wandb)."""
+    wandb_project: str = "sharpscope"
+    """W&B project name."""
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     """Run name (recorded in the run's config)."""
@@ -141,3 +151,4 @@ class TrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

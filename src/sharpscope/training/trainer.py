@@ -294,7 +294,7 @@ class Trainer:
         writer = None
         if lead:
             self.out.mkdir(parents=True, exist_ok=True)
-            writer = RunWriter(self.out, self.run_config())
+            writer = _Writer(self.out, self.run_config(), cfg)
         progress = None
         if cfg.progress and lead:
             from tqdm import tqdm
@@ -363,6 +363,29 @@ class Trainer:
             dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
             if self._own_group:
                 dist.destroy_process_group()
+
+
+class _Writer:
+    """metrics.jsonl (the record) plus the optional TensorBoard / W&B sinks."""
+
+    def __init__(self, out: Path, run_config: dict[str, Any], cfg: TrainConfig):
+        from .sinks import MetricSinks
+
+        self.record = RunWriter(out, run_config)
+        try:
+            self.sinks = MetricSinks(out, run_config, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                                     wandb_project=cfg.logging.wandb_project, name=cfg.name)
+        except BaseException:
+            self.record.close()
+            raise
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.record.log(row)
+        self.sinks.log(row)
+
+    def close(self) -> None:
+        self.record.close()
+        self.sinks.close()
 
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> Path:
