@@ -1,12 +1,15 @@
-"""Tests for sharpscope.training.data (tokenizer, corpora, user data, batch sampler)."""
+"""Tests for sharpscope.training.data (tokenizers, corpora, user data, datasets, batch sampler)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +17,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from sharpscope.errors import UserError
+from sharpscope.training import data as data_module
 from sharpscope.training.data import (
     ARITHMETIC_OPERATORS,
+    TOKENIZER_FILE,
     BatchSampler,
+    BPETokenizer,
     ByteTokenizer,
     TokenSource,
     arithmetic_problems,
@@ -25,6 +31,7 @@ from sharpscope.training.data import (
     clear_cache,
     load_source,
     load_sources,
+    make_tokenizer,
     validation_batches,
 )
 
@@ -131,8 +138,18 @@ def _digest(sources) -> str:
     return h.hexdigest()
 
 
-def test_builtin_sources_are_the_same_in_another_process(builtins):
-    # Guards against anything that varies between processes (hash seeds, listing order).
+def test_builtin_sources_are_the_same_in_another_process(builtins, code_text):
+    # Guards against anything that varies between processes (hash seeds, listing order), and
+    # for the BPE trainer, whose hash maps are seeded per process: ties in pair counts must
+    # not depend on it. One subprocess for both, as starting one costs seconds.
+    bpe_line = (
+        "import importlib.util\n"
+        "if importlib.util.find_spec('tokenizers'):\n"
+        "    from sharpscope.training.data import BPETokenizer\n"
+        "    text = np.asarray(load_source('code', max_bytes=%d).train, np.uint8).tobytes()\n"
+        "    text = text.decode('utf-8', errors='replace')[:%d]\n"
+        "    print(BPETokenizer.train([text], %d).fingerprint)\n"
+    ) % (CODE_BYTES, BPE_TRAIN_CHARS, BPE_VOCAB)
     script = (
         "import hashlib, numpy as np\n"
         "from sharpscope.training.data import load_source\n"
@@ -141,10 +158,16 @@ def test_builtin_sources_are_the_same_in_another_process(builtins):
         "    s = load_source(spec, max_bytes=cap)\n"
         "    h.update(np.ascontiguousarray(s.train).tobytes()); h.update(np.ascontiguousarray(s.val).tobytes())\n"
         "print(h.hexdigest())\n"
-    )
+    ) + bpe_line
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "12345", "PATH": ""})
-    assert out.stdout.strip() == _digest([builtins["code"], builtins["prose"], builtins["arithmetic"]])
+    lines = out.stdout.split()
+    assert lines[0] == _digest([builtins["code"], builtins["prose"], builtins["arithmetic"]])
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        return
+    assert lines[1] == BPETokenizer.train([code_text], BPE_VOCAB).fingerprint
 
 
 def test_code_is_python_source_split_between_files(code):
@@ -462,3 +485,293 @@ def test_bits_per_byte():
     assert bits_per_byte(3.0, tokens_per_byte=0.25) == pytest.approx(0.75 / math.log(2))
     with pytest.raises(ValueError):
         bits_per_byte(1.0, tokens_per_byte=0)
+
+
+# --------------------------------------------------------------------------- BPE tokenizer
+
+BPE_TRAIN_CHARS = 200_000  # a slice of the code corpus: enough for 512 tokens, trained in ~0.1 s
+BPE_VOCAB = 512
+UNICODE_SAMPLE = "naïve café — 日本語 🎉 Ünïcödé\r\n\tx = {'ß': 1}\x00\u200b end  "
+# Text shaped like the training data (so merges apply), mixed with arbitrary characters.
+CODEISH = st.text(alphabet=st.one_of(st.sampled_from(list("def self return ():.,=_\n\t    éß日🎉")),
+                                     st.characters()), max_size=200)
+
+
+@pytest.fixture(scope="module")
+def code_text(code) -> str:
+    return text_of(code.train).decode("utf-8", errors="replace")[:BPE_TRAIN_CHARS]
+
+
+@pytest.fixture(scope="module")
+def bpe(code_text):
+    pytest.importorskip("tokenizers")
+    return BPETokenizer.train([code_text], BPE_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def bpe_code(bpe):
+    return load_source("code", max_bytes=CODE_BYTES, tokenizer=bpe)
+
+
+@PROPS
+@given(st.one_of(st.text(), CODEISH))
+def test_bpe_round_trips_text(bpe, text):
+    ids = bpe.encode(text)
+    assert ids.dtype == np.uint16
+    assert len(ids) == 0 or int(ids.max()) < bpe.vocab_size
+    assert bpe.decode(ids) == text
+    assert bpe.decode(torch.from_numpy(ids.astype(np.int64))) == text
+    assert bpe.encode_batch([text, text])[1].tolist() == ids.tolist()
+
+
+def test_bpe_round_trips_known_text(bpe, code_text):
+    for text in (UNICODE_SAMPLE, code_text[:20_000], "", " ", "\n\n\n"):
+        assert bpe.decode(bpe.encode(text)) == text
+    assert bpe.vocab_size == BPE_VOCAB and bpe.name == "bpe"
+    with pytest.raises(ValueError):
+        bpe.decode([BPE_VOCAB])
+
+
+def test_bpe_long_texts_encode_in_chunks_to_the_same_tokens(bpe, code_text, monkeypatch):
+    # Long texts are cut at newlines and encoded in parallel; the tokens must not change.
+    monkeypatch.setattr(data_module, "_ENCODE_CHUNK_CHARS", 2048)
+    text = code_text[:30_000] + "\n\n  \n" + UNICODE_SAMPLE * 200 + "\nx\ny\n" + "1+2=3\n" * 3000
+    assert len(bpe._chunks(text)) > 10 and "".join(bpe._chunks(text)) == text
+    whole = bpe._tokenizer.encode(text, add_special_tokens=False).ids
+    assert bpe.encode(text).tolist() == whole
+    assert [a.tolist() for a in bpe.encode_batch([text, "short", text[:1000]])] == \
+        [whole, bpe.encode("short").tolist(), bpe.encode(text[:1000]).tolist()]
+
+
+def test_bpe_is_deterministic(bpe, code_text):
+    again = BPETokenizer.train([code_text], BPE_VOCAB)
+    assert again.fingerprint == bpe.fingerprint
+    assert again._tokenizer.get_vocab() == bpe._tokenizer.get_vocab()
+    sample = code_text[-5_000:] + UNICODE_SAMPLE
+    np.testing.assert_array_equal(again.encode(sample), bpe.encode(sample))
+
+
+def test_bpe_save_and_load_round_trip(bpe, code_text, tmp_path):
+    file = bpe.save(tmp_path / "run" / TOKENIZER_FILE)
+    assert file == tmp_path / "run" / TOKENIZER_FILE
+    assert [p.name for p in file.parent.iterdir()] == [TOKENIZER_FILE]  # no temporary file left
+    assert bpe.save(tmp_path / "run") == file  # a folder means the tokenizer.json inside it
+    sample = code_text[:10_000] + UNICODE_SAMPLE
+    for loaded in (BPETokenizer.from_file(file), BPETokenizer.from_file(tmp_path / "run")):
+        assert loaded.vocab_size == bpe.vocab_size and loaded.fingerprint == bpe.fingerprint
+        np.testing.assert_array_equal(loaded.encode(sample), bpe.encode(sample))
+        assert loaded.decode(bpe.encode(sample)) == sample
+    with pytest.raises(UserError, match="no tokenizer file"):
+        BPETokenizer.from_file(tmp_path / "elsewhere.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(UserError, match="broken.json"):
+        BPETokenizer.from_file(tmp_path / "broken.json")
+
+
+def test_bpe_source_compresses_and_keeps_the_split(bpe, bpe_code, code):
+    assert bpe_code.tokenizer == "bpe" and bpe_code.name == "code"
+    assert bpe_code.train.dtype == bpe_code.val.dtype == np.uint16
+    assert bpe_code.max_token() < BPE_VOCAB
+    # The split is made on the text, so both tokenizers see the same training and validation text.
+    assert bpe.decode(bpe_code.train) == text_of(code.train).decode("utf-8", errors="replace")
+    assert bpe.decode(bpe_code.val) == text_of(code.val).decode("utf-8", errors="replace")
+    n_bytes = len(code.train) + len(code.val)  # byte tokens: one per byte
+    assert bpe_code.tokens_per_byte == pytest.approx((len(bpe_code.train) + len(bpe_code.val)) / n_bytes, rel=1e-4)
+    assert bpe_code.val_tokens_per_byte == pytest.approx(len(bpe_code.val) / len(code.val), rel=1e-3)
+    assert bpe_code.tokens_per_byte < 0.6
+    assert code.tokens_per_byte == code.val_tokens_per_byte == 1.0
+    # Bits per byte is a property of the text, whatever the tokenizer: the same total
+    # code length in nats gives the same value.
+    nats = 1000.0
+    assert bits_per_byte(nats / (len(bpe_code.train) + len(bpe_code.val)), bpe_code.tokens_per_byte) == \
+        pytest.approx(bits_per_byte(nats / n_bytes, 1.0), rel=1e-3)
+    with pytest.raises(UserError, match="vocab"):
+        check_vocab({"code": bpe_code}, 256)
+    check_vocab({"code": bpe_code}, BPE_VOCAB)
+
+
+def test_builtin_cache_does_not_mix_tokenizers(bpe, bpe_code, code):
+    # Corpora are cached as text, so each tokenizer encodes it afresh.
+    byte_again = load_source("code", max_bytes=CODE_BYTES)
+    bpe_again = load_source("code", max_bytes=CODE_BYTES, tokenizer=bpe)
+    np.testing.assert_array_equal(byte_again.train, code.train)
+    np.testing.assert_array_equal(bpe_again.train, bpe_code.train)
+    assert len(bpe_again.train) < 0.6 * len(byte_again.train)
+    assert byte_again.tokenizer == "bytes" and bpe_again.tokenizer == "bpe"
+
+
+def test_bpe_sources_of_every_kind(bpe, tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_text(UNICODE_SAMPLE * 300, encoding="utf-8")
+    tokens = (np.arange(3000) % 300).astype(np.uint16)
+    (tmp_path / "tokens.bin").write_bytes(tokens.tobytes())
+    sources = load_sources(["arithmetic", str(path), str(tmp_path / "tokens.bin")], tokenizer=bpe)
+    story = sources["story"]
+    assert story.tokenizer == "bpe" and story.max_token() < BPE_VOCAB
+    assert bpe.decode(story.train) + bpe.decode(story.val) == UNICODE_SAMPLE * 300  # cut at a character boundary
+    assert sources["arithmetic"].tokenizer == "bpe"
+    assert LINE.fullmatch(bpe.decode(sources["arithmetic"].val).splitlines()[0])
+    pretokenized = sources["tokens"]  # .bin files keep their tokens
+    assert pretokenized.tokenizer == "pretokenized" and pretokenized.tokens_per_byte is None
+    np.testing.assert_array_equal(np.concatenate([pretokenized.train, pretokenized.val]), tokens)
+
+
+def test_bpe_vocabulary_limits(code_text):
+    tokenizers = pytest.importorskip("tokenizers")
+    with pytest.raises(UserError, match="65536"):
+        BPETokenizer.train([code_text], 70_000)
+    with pytest.raises(UserError, match="vocab_size"):
+        BPETokenizer.train([code_text], 100)
+    with pytest.raises(UserError, match="smaller vocab_size"):
+        BPETokenizer.train(["tiny text"], 1000)
+    with pytest.raises(UserError, match="no text"):
+        BPETokenizer.train([], 300)
+    # A (loaded) tokenizer beyond uint16 refuses to encode rather than wrap ids around.
+    vocab = {f"t{i}": i for i in range(70_000)}
+    big = BPETokenizer(tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [])))
+    with pytest.raises(UserError, match="uint16"):
+        big.encode("t1")
+
+
+# --------------------------------------------------------------------------- make_tokenizer
+
+
+def test_make_tokenizer_trains_saves_then_loads(tmp_path):
+    pytest.importorskip("tokenizers")
+    file = tmp_path / "run" / TOKENIZER_FILE
+    made = make_tokenizer("bpe", vocab_size=300, train_specs=["code"], max_bytes=50_000, path=file)
+    assert isinstance(made, BPETokenizer) and made.vocab_size == 300 and file.is_file()
+    assert sorted(p.name for p in file.parent.iterdir()) == [TOKENIZER_FILE]
+    loaded = make_tokenizer("bpe", vocab_size=300, path=file)  # no sources needed to load
+    assert loaded.fingerprint == made.fingerprint
+    assert make_tokenizer("bpe", vocab_size=300, path=file.parent).fingerprint == made.fingerprint
+    with pytest.raises(UserError, match="300 tokens"):
+        make_tokenizer("bpe", vocab_size=512, path=file)
+    unsaved = make_tokenizer("bpe", vocab_size=300, train_specs="code", max_bytes=50_000)
+    assert unsaved.fingerprint == made.fingerprint
+    # A path without .json is a folder (a run's folder), created if need be.
+    in_folder = make_tokenizer("bpe", vocab_size=300, train_specs="code", max_bytes=50_000, path=tmp_path / "r2")
+    assert (tmp_path / "r2" / TOKENIZER_FILE).is_file()
+    assert BPETokenizer.from_file(tmp_path / "r2").fingerprint == in_folder.fingerprint == made.fingerprint
+
+
+def test_make_tokenizer_trains_on_the_training_split_only(tmp_path, code_text):
+    pytest.importorskip("tokenizers")
+    # The last 5% of this file (the validation split) holds all the "qz", which training never sees.
+    path = tmp_path / "corpus.txt"
+    path.write_text(code_text[:40_000] + "\n" + "qz" * 500, encoding="utf-8")
+    held_out = make_tokenizer("bpe", vocab_size=300, train_specs=[str(path)])
+    assert len(held_out.encode("qz")) == 2
+    everything = make_tokenizer("bpe", vocab_size=300, train_specs=[str(path)], val_fraction=0)
+    assert len(everything.encode("qz")) == 1
+
+
+def test_make_tokenizer_refusals(tmp_path):
+    assert isinstance(make_tokenizer("bytes"), ByteTokenizer)
+    with pytest.raises(UserError, match="bytes, bpe"):
+        make_tokenizer("wordpiece")
+    pytest.importorskip("tokenizers")
+    (tmp_path / "train.bin").write_bytes(np.arange(1000, dtype=np.uint16).tobytes())
+    with pytest.raises(UserError, match="pre-tokenized"):
+        make_tokenizer("bpe", vocab_size=300, train_specs=["code", str(tmp_path / "train.bin")], max_bytes=50_000)
+    with pytest.raises(UserError, match="train_specs"):
+        make_tokenizer("bpe", vocab_size=300, path=tmp_path / "absent" / TOKENIZER_FILE)
+    assert not (tmp_path / "absent").exists()
+    with pytest.raises(UserError, match="vocab_size"):
+        make_tokenizer("bpe", vocab_size=2 ** 16 + 1, train_specs=["code"])
+
+
+# --------------------------------------------------------------------------- Hugging Face datasets
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _rows(n, prefix="doc"):
+    return [{"text": f"{prefix} {i}: naïve café 日本 " + "word " * (i % 7), "title": f"title {i}", "n": i}
+            for i in range(n)]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_hf_jsonl_loads_the_text_field(tmp_path, offline):
+    datasets = pytest.importorskip("datasets")
+    rows = _rows(300)
+    path = tmp_path / "corpus.jsonl"
+    _write_jsonl(path, rows)
+    cache = sorted(Path(datasets.config.HF_DATASETS_CACHE).rglob("*")) \
+        if Path(datasets.config.HF_DATASETS_CACHE).exists() else []
+    source = load_source(f"hf:{path}", block_size=32)
+    assert source.name == "corpus" and source.tokenizer == "bytes" and source.tokens_per_byte == 1.0
+    expected = "".join(r["text"] + "\n\n" for r in rows)
+    assert text_of(np.concatenate([source.train, source.val])).decode() == expected
+    val = text_of(source.val).decode()
+    assert val.startswith("doc ") and 0.035 < len(source.val) / len(expected.encode()) < 0.065
+    # Nothing left beside the data, nor in the user's datasets cache.
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus.jsonl"]
+    after = Path(datasets.config.HF_DATASETS_CACHE)
+    assert (sorted(after.rglob("*")) if after.exists() else []) == cache
+
+    titles = load_source(f"titles:hf:{path}?field=title", val_fraction=0.1)
+    assert titles.name == "titles"
+    assert text_of(np.concatenate([titles.train, titles.val])).decode() == "".join(
+        r["title"] + "\n\n" for r in rows)
+
+
+def test_hf_uses_a_validation_split_and_any_tokenizer(tmp_path, offline, bpe):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "mycorpus"
+    train_rows, val_rows = _rows(200), _rows(20, prefix="held out")
+    _write_jsonl(folder / "train.jsonl", train_rows)
+    _write_jsonl(folder / "validation.jsonl", val_rows)
+    source = load_source(f"hf:{folder}", tokenizer=bpe)
+    assert source.name == "mycorpus" and source.tokenizer == "bpe"
+    assert bpe.decode(source.train) == "".join(r["text"] + "\n\n" for r in train_rows)
+    assert bpe.decode(source.val) == "".join(r["text"] + "\n\n" for r in val_rows)
+    n_bytes = sum(len((r["text"] + "\n\n").encode()) for r in train_rows + val_rows)
+    assert source.tokens_per_byte == pytest.approx((len(source.train) + len(source.val)) / n_bytes)
+    # A single file of the folder, by its file name, takes the folder's name.
+    assert load_source(f"hf:{folder / 'train.jsonl'}").name == "mycorpus"
+    # Tokenizers train on the training split, and the .txt format gives a row per line.
+    made = make_tokenizer("bpe", vocab_size=270, train_specs=[f"hf:{folder}"])
+    assert made.vocab_size == 270
+    (tmp_path / "notes.txt").write_text("line one\n\nline three\n" * 50, encoding="utf-8")
+    notes = load_source(f"hf:{tmp_path / 'notes.txt'}", val_fraction=0)
+    assert text_of(notes.train).decode() == "line one\n\nline three\n" * 50
+
+
+@pytest.mark.parametrize("case", ["missing_field", "missing_file", "not_text", "bad_option", "no_split",
+                                  "not_cached"])
+def test_hf_errors_are_one_line_and_name_the_problem(tmp_path, offline, case):
+    pytest.importorskip("datasets")
+    path = tmp_path / "corpus.jsonl"
+    _write_jsonl(path, _rows(50))
+    spec, named = {
+        "missing_field": (f"hf:{path}?field=body", "'body'"),
+        "missing_file": (f"hf:{tmp_path / 'nowhere.jsonl'}", str(tmp_path / "nowhere.jsonl")),
+        "not_text": (f"hf:{path}?field=n", "'n'"),
+        "bad_option": (f"hf:{path}?colum=text", "'colum'"),
+        "no_split": (f"hf:{path}?split=test", "'test'"),
+        "not_cached": ("hf:nobody-xyz/no-such-dataset", "local Hugging Face cache"),
+    }[case]
+    with pytest.raises(UserError) as err:
+        load_source(spec)
+    message = str(err.value)
+    assert named in message and "\n" not in message
+
+
+def test_hf_without_datasets_says_how_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "corpus.jsonl"
+    _write_jsonl(path, _rows(5))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(UserError, match=re.escape("pip install 'sharpscope[hf]'")):
+        load_source(f"hf:{path}")

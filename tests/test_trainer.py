@@ -4,6 +4,7 @@ perturb, exact resume after SIGKILL, checkpoints, measure, and one-line errors."
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -179,3 +180,21 @@ def test_tensorboard_sink_mirrors_the_metrics(tmp_path):
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses == pytest.approx([r["train/loss"] for r in metric_rows(out) if "train/loss" in r], rel=1e-6)
     assert [e.step for e in events.Scalars("sharpness/evals")] == [1, 4]
+
+
+def test_bpe_run_keeps_its_tokenizer_for_resume_and_measure(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    out = tmp_path / "bpe"
+    args = ["--steps", "6", "--checkpoint-every", "3", *TINY, "data.tokenizer=bpe", "data.vocab_size=300",
+            "data.sources=arithmetic,code", "data.max_bytes=100000"]
+    assert run_cli("--out", str(out), *args) == 0
+    assert (out / "tokenizer.json").is_file()
+    weights = final_weights(out)
+    embedding = weights.get("tok_emb.weight", weights.get("head.weight"))  # tied: saved under one name
+    assert embedding.shape[0] == 300
+    row = [r for r in metric_rows(out) if "eval/code/bpb" in r][-1]
+    assert row["eval/code/bpb"] < row["eval/code/loss"] / math.log(2)  # BPE packs > 1 byte per token
+    capsys.readouterr()
+    assert main(["measure", str(out / "checkpoints" / "step00000006"), "--data", "arithmetic", "--batch-size", "4",
+                 "--lanczos-iters", "4", "--trace-samples", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 6

@@ -43,6 +43,11 @@ class DataConfig:
     """Fraction of each source held out for validation."""
     max_bytes: int = 2_000_000
     """Cap on the bytes read per built-in corpus (keeps start-up fast)."""
+    tokenizer: str = "bytes"
+    """'bytes' (256 tokens, no training) or 'bpe' (byte-level BPE trained on the training
+    split of the sources, saved as RUN/tokenizer.json for resume and measure)."""
+    vocab_size: int = 1024
+    """BPE vocabulary size (ignored for bytes)."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Training data: a byte tokenizer, offline corpora, user data, and a resumable batch sampler.
+"""Training data: tokenizers, offline corpora, user data, and a resumable batch sampler.
 
 Everything here is a *source*: a :class:`TokenSource` holding a name, a ``train`` and a
 ``val`` array of uint16 tokens. :func:`load_source` turns a spec into one:
@@ -13,6 +13,8 @@ a text file      its bytes (any extension other than ``.bin``)
 a folder         every ``*.txt``, ``*.md`` and ``*.py`` file under it, sorted, recursively
 ``*.bin``        pre-tokenized uint16 tokens (the nanoGPT format); ``train.bin`` uses a
                  sibling ``val.bin`` as its validation split when there is one
+``hf:DATASET``    a Hugging Face ``datasets`` dataset: a local data file or folder, or a
+                 dataset already in the local cache (see below), e.g. ``hf:data/c.jsonl``
 ``name:spec``    any of the above under a name of your choosing, e.g. ``notes:~/notes``
 ===============  ==========================================================================
 
@@ -62,11 +64,50 @@ Why built-in corpora come from the Python installation
     ``default_rng([seed, 1])``.
 
 Splits
-    Text corpora put the last ``val_fraction`` (5%) of tokens into validation, moving the
-    cut to the nearest document start when one lies within a quarter of the validation
+    Text corpora put the last ``val_fraction`` (5%) of their text into validation, moving
+    the cut to the nearest document start when one lies within a quarter of the validation
     size, so that no document straddles the split. A single file has no inner documents
-    and is cut exactly. Because the built-in documents are in a path-hash order, the
-    validation documents are a spread sample of the library, not its alphabetical tail.
+    and is cut exactly (for tokenizers other than bytes, at a character boundary). Because
+    the built-in documents are in a path-hash order, the validation documents are a spread
+    sample of the library, not its alphabetical tail. The cut is made on the text *before*
+    tokenizing, so every tokenizer sees the same training and validation text and a BPE
+    tokenizer trained on the training split has never seen the validation text.
+
+Tokenizers
+    :func:`make_tokenizer` gives ``"bytes"`` (:class:`ByteTokenizer`: a token per UTF-8
+    byte, vocabulary 256) or ``"bpe"`` (:class:`BPETokenizer`: byte-level BPE from the
+    ``tokenizers`` library, trained on the training split of the run's own sources, saved
+    as a ``tokenizer.json`` and reloaded from it). Neither has special tokens: documents are
+    separated by text (a blank line) under both. Text sources are encoded with the
+    tokenizer given to :func:`load_source`; ``.bin`` files keep their tokens.
+    ``tokens_per_byte`` is the number of tokens over the number of UTF-8 bytes of the
+    source's text (1.0 for bytes), so that :func:`bits_per_byte` compares models across
+    tokenizers; ``val_tokens_per_byte`` is the same for the validation split alone.
+
+Hugging Face datasets: ``hf:TARGET[?key=value&key=value...]``
+    ``TARGET`` is a data file (``.json``/``.jsonl``/``.ndjson``, ``.csv``/``.tsv``,
+    ``.parquet``, ``.arrow``, ``.txt``; optionally ``.gz``, ``.bz2``, ``.xz`` or
+    ``.zst``), a folder of such files (``datasets`` picks the format and reads splits
+    from file names such as ``train.jsonl`` and ``validation.jsonl``), a folder written by
+    ``save_to_disk``, or the id of a Hub dataset (``name`` or ``owner/name``) that is
+    already in the local Hugging Face cache. The options, all optional:
+
+    ``field=text``   the column holding the text (rows where it is null are skipped)
+    ``split=train``  the split to train on
+    ``val=NAME``     the split to validate on; by default ``validation`` when the dataset
+                     has one, otherwise the last ``val_fraction`` is cut off as for text
+    ``config=NAME``  the dataset's configuration (Hub datasets with several)
+
+    For example ``hf:data/corpus.jsonl?field=body`` or
+    ``wiki:hf:wikitext?config=wikitext-2-raw-v1``. Each row is one document, followed by a
+    blank line; ``.txt`` files give a row per line, followed by a newline, which rebuilds
+    the file. ``max_bytes`` caps the training split and, separately, a validation split.
+    Nothing is ever downloaded: loading runs in ``datasets``' offline mode, local files are
+    converted in a temporary cache that is deleted once their text is read (so nothing is
+    left beside the data or in the user's cache), and Hub datasets are read from the
+    user's cache. ``datasets`` is imported only for an ``hf:`` spec (``pip install
+    'sharpscope[hf]'``). The source's default name is the file's stem (its folder's name
+    for ``train.jsonl`` and the like), the folder's name, or the Hub id's last part.
 
 Sampling
     :class:`BatchSampler` makes batch ``k`` a pure function of ``(seed, k)``: resuming needs
@@ -79,15 +120,21 @@ Sampling
 from __future__ import annotations
 
 import ast
+import contextlib
 import gc
+import hashlib
 import math
+import os
 import re
 import sysconfig
+import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Iterable, Iterator, Mapping, Protocol, Sequence
+from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
@@ -97,6 +144,12 @@ from ..errors import UserError
 __all__ = [
     "Tokenizer",
     "ByteTokenizer",
+    "BPETokenizer",
+    "TOKENIZER_KINDS",
+    "TOKENIZER_FILE",
+    "MAX_VOCAB_SIZE",
+    "make_tokenizer",
+    "HF_OPTIONS",
     "TokenSource",
     "BUILTIN_SOURCES",
     "DEFAULT_MAX_BYTES",
@@ -125,6 +178,21 @@ ARITHMETIC_OPERATORS = ("+", "-", "*")
 ARITHMETIC_HELDOUT_FRACTION = 0.05
 """Share of all possible arithmetic problems reserved for validation and evaluation."""
 
+BYTE_ALPHABET = 256
+MAX_VOCAB_SIZE = 2 ** 16
+"""Largest vocabulary whose token ids fit the uint16 arrays that hold tokens."""
+TOKENIZER_FILE = "tokenizer.json"
+"""File name of a saved BPE tokenizer (the ``tokenizers`` library's format)."""
+HF_PREFIX = "hf:"
+HF_OPTIONS = ("split", "val", "field", "config")
+"""Options of an ``hf:`` spec, written ``hf:TARGET?split=train&field=text``."""
+_HF_BUILDERS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".txt": "text", ".text": "text",
+                ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+_HF_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_ENCODE_CHUNK_CHARS = 1 << 16
+_CHUNK_BREAK = re.compile(r"(?<=\S\n)(?=\S)")
+_SPLIT_FILE_STEMS = frozenset({"train", "training", "validation", "valid", "val", "dev", "test", "data"})
+
 _SKIPPED_STDLIB_DIRS = frozenset({"test", "tests", "idlelib", "turtledemo", "site-packages", "pydoc_data"})
 _USER_TEXT_SUFFIXES = (".txt", ".md", ".py")
 _MIN_DOCSTRING_CHARS = 40
@@ -140,7 +208,11 @@ _NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
 class Tokenizer(Protocol):
-    """What :func:`load_source` needs from a tokenizer."""
+    """What :func:`load_source` needs from a tokenizer.
+
+    A tokenizer may also offer ``encode_batch(texts) -> list[np.ndarray]``, which
+    :func:`load_source` then uses to encode a corpus's documents in one call.
+    """
 
     name: str
     vocab_size: int
@@ -148,6 +220,13 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> np.ndarray: ...
 
     def decode(self, ids) -> str: ...
+
+
+def _ids_array(ids) -> np.ndarray:
+    """Token ids (list, array or tensor, any shape) as a flat int64 array."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    return np.asarray(ids, dtype=np.int64).reshape(-1)
 
 
 class ByteTokenizer:
@@ -163,15 +242,239 @@ class ByteTokenizer:
         return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
 
     def decode(self, ids) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.detach().cpu().numpy()
-        ids_N = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids_N = _ids_array(ids)
         if ids_N.size and (ids_N.min() < 0 or ids_N.max() > 255):
             raise ValueError(f"byte tokens lie in 0..255; got values from {ids_N.min()} to {ids_N.max()}")
         return ids_N.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise UserError("the 'bpe' tokenizer needs the Hugging Face tokenizers package: "
+                        "pip install tokenizers (or pip install 'sharpscope[hf]')") from None
+    return tokenizers
+
+
+def _check_bpe_vocab(vocab_size) -> int:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
+        raise UserError(f"vocab_size must be a whole number, got {vocab_size!r}")
+    if not BYTE_ALPHABET <= vocab_size <= MAX_VOCAB_SIZE:
+        raise UserError(f"a BPE vocab_size must lie in {BYTE_ALPHABET}..{MAX_VOCAB_SIZE} (the 256 bytes, plus "
+                        f"merges, as token ids that fit uint16), got {vocab_size}")
+    return int(vocab_size)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o644)  # mkstemp makes the file private; a tokenizer is not a secret
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _tokenizer_file(path) -> Path:
+    """An existing file; a folder (existing, or a new path without ``.json``) means the tokenizer.json in it."""
+    path = Path(path).expanduser()
+    if path.is_file() or (not path.is_dir() and path.suffix.lower() == ".json"):
+        return path
+    return path / TOKENIZER_FILE
+
+
+class BPETokenizer:
+    """Byte-level BPE (as GPT-2's), trained on our own text with the ``tokenizers`` library.
+
+    Text is cut into pieces by the GPT-2 pattern (words with their leading space, digits,
+    punctuation, whitespace runs) over its UTF-8 bytes, and merges learnt by
+    :meth:`train` join frequent byte pairs inside a piece. The 256 bytes are always in the
+    vocabulary, so any text encodes (nothing is unknown) and ``decode(encode(t)) == t``
+    exactly. There are no special tokens: documents are separated by text (a blank line),
+    as for the byte tokenizer, so a corpus reads the same under both tokenizers.
+
+    Training is deterministic: the same text and ``vocab_size`` give the same vocabulary,
+    merges and ``tokenizer.json``, in any process (:attr:`fingerprint` tells them apart).
+    """
+
+    name = "bpe"
+
+    def __init__(self, tokenizer):
+        tk = _import_tokenizers()
+        if not isinstance(tokenizer, tk.Tokenizer) or not isinstance(tokenizer.model, tk.models.BPE):
+            raise TypeError(f"BPETokenizer wraps a tokenizers.Tokenizer with a BPE model, got {tokenizer!r}")
+        self._tokenizer = tokenizer
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        # Long texts can be cut into chunks, encoded in parallel, with the very same tokens,
+        # when pieces never cross the cut points; true of the GPT-2 pattern with nothing added.
+        pre = tokenizer.pre_tokenizer
+        self._chunkable = (tokenizer.normalizer is None and isinstance(pre, tk.pre_tokenizers.ByteLevel)
+                           and not pre.add_prefix_space and pre.use_regex
+                           and tokenizer.get_vocab_size(with_added_tokens=False) == self.vocab_size)
+
+    # -- making one
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        """Learn ``vocab_size - 256`` merges from ``texts`` (an iterable of documents).
+
+        Refuses (UserError) a text too small to yield ``vocab_size`` tokens, so that a
+        trained tokenizer always has exactly the vocabulary asked for.
+        """
+        vocab_size = _check_bpe_vocab(vocab_size)
+        tk = _import_tokenizers()
+        tokenizer = tk.Tokenizer(tk.models.BPE())
+        tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tokenizer.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[], show_progress=False,
+                                         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+        if isinstance(texts, str):
+            texts = [texts]
+        n_chars = 0
+
+        def checked():
+            nonlocal n_chars
+            for text in texts:
+                if not isinstance(text, str):
+                    raise TypeError(f"BPETokenizer.train takes strings, got a {type(text).__name__}")
+                n_chars += len(text)
+                yield text
+
+        tokenizer.train_from_iterator(checked(), trainer)
+        if n_chars == 0:
+            raise UserError("no text to train the BPE tokenizer on; give it some data")
+        learnt = tokenizer.get_vocab_size(with_added_tokens=True)
+        if learnt < vocab_size:
+            raise UserError(f"the training text ({n_chars} characters) yields only {learnt} BPE tokens of the "
+                            f"{vocab_size} asked for; use more text or a smaller vocab_size")
+        return cls(tokenizer)
+
+    @classmethod
+    def from_file(cls, path) -> "BPETokenizer":
+        """Load a ``tokenizer.json`` (or the one inside a folder) written by :meth:`save`."""
+        tk = _import_tokenizers()
+        file = _tokenizer_file(path)
+        if not file.is_file():
+            raise UserError(f"no tokenizer file at {file}; train one (make_tokenizer) or check the path")
+        try:
+            tokenizer = tk.Tokenizer.from_file(str(file))
+        except Exception as err:  # the Rust side raises plain Exceptions
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{file} is not a readable tokenizer.json ({first})") from err
+        if not isinstance(tokenizer.model, tk.models.BPE):
+            raise UserError(f"{file} holds a {type(tokenizer.model).__name__} tokenizer, not BPE")
+        return cls(tokenizer)
+
+    def save(self, path) -> Path:
+        """Write the tokenizer (atomically) to ``path``: a ``.json`` file, or a folder to hold
+        ``tokenizer.json`` (created when missing). Returns the file written."""
+        file = _tokenizer_file(path)
+        _write_atomically(file, self._tokenizer.to_str(pretty=True))
+        return file
+
+    # -- using one
+
+    def _check_fits(self) -> None:
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            raise UserError(f"this BPE tokenizer has {self.vocab_size} tokens, but sharpscope stores token ids "
+                            f"as uint16 (at most {MAX_VOCAB_SIZE} tokens); use a tokenizer with a smaller vocabulary")
+
+    def _chunks(self, text: str) -> list[str]:
+        """``text`` cut after newlines that follow a non-space and precede one; the GPT-2
+        pattern ends a piece there whatever comes next, so the tokens do not change."""
+        if not self._chunkable or len(text) <= 2 * _ENCODE_CHUNK_CHARS:
+            return [text]
+        chunks, start = [], 0
+        while len(text) - start > 2 * _ENCODE_CHUNK_CHARS:
+            found = _CHUNK_BREAK.search(text, start + _ENCODE_CHUNK_CHARS)
+            if found is None:
+                break
+            chunks.append(text[start:found.start()])
+            start = found.start()
+        chunks.append(text[start:])
+        return chunks
+
+    def encode(self, text: str) -> np.ndarray:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Encode many documents at once (in parallel); one uint16 array per document."""
+        self._check_fits()
+        chunked = [self._chunks(t) for t in texts]
+        flat = [c for chunks in chunked for c in chunks]
+        encodings = iter(self._tokenizer.encode_batch_fast(flat, add_special_tokens=False))
+        out = []
+        for chunks in chunked:
+            ids = [next(encodings).ids for _ in chunks]
+            out.append(np.asarray(ids[0] if len(ids) == 1 else [i for part in ids for i in part], dtype=np.uint16))
+        return out
+
+    def decode(self, ids) -> str:
+        ids_N = _ids_array(ids)
+        if ids_N.size and (ids_N.min() < 0 or ids_N.max() >= self.vocab_size):
+            raise ValueError(f"token ids lie in 0..{self.vocab_size - 1}; got values from {ids_N.min()} "
+                             f"to {ids_N.max()}")
+        return self._tokenizer.decode(ids_N.tolist(), skip_special_tokens=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the serialized tokenizer: equal exactly when vocabulary and merges are."""
+        return hashlib.sha256(self._tokenizer.to_str().encode("utf-8")).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+TOKENIZER_KINDS = ("bytes", "bpe")
+
+
+def make_tokenizer(kind: str, *, vocab_size: int = 1024, train_specs: Sequence[str] = (),
+                   max_bytes: int | None = None, path: Path | None = None, val_fraction: float = 0.05,
+                   seed: int = 0) -> Tokenizer:
+    """The tokenizer named ``kind``: ``"bytes"`` or ``"bpe"``.
+
+    For ``"bpe"``: ``path`` is a ``.json`` file or a folder (such as a run's folder) for
+    ``tokenizer.json``. When that file exists, it is loaded, and must have exactly
+    ``vocab_size`` tokens. Otherwise a tokenizer is trained
+    on the *training split* of the sources ``train_specs`` (the same specs, ``max_bytes``,
+    ``val_fraction`` and ``seed`` as given to :func:`load_sources`, so it never sees
+    validation text) and, when ``path`` is given, saved there atomically. ``vocab_size`` is
+    ignored for ``"bytes"`` (always 256).
+    """
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind != "bpe":
+        raise UserError(f"unknown tokenizer {kind!r}; choose one of {', '.join(TOKENIZER_KINDS)}")
+    vocab_size = _check_bpe_vocab(vocab_size)
+    file = _tokenizer_file(path) if path is not None else None
+    if file is not None and file.exists():
+        tokenizer = BPETokenizer.from_file(file)
+        if tokenizer.vocab_size != vocab_size:
+            raise UserError(f"the tokenizer at {file} has {tokenizer.vocab_size} tokens, not the {vocab_size} "
+                            f"asked for; set vocab_size={tokenizer.vocab_size}, or delete the file to train anew")
+        return tokenizer
+    if isinstance(train_specs, str):
+        train_specs = [train_specs]
+    if not train_specs:
+        raise UserError("a 'bpe' tokenizer needs text to train on; give the data sources (train_specs)")
+    val_fraction = _check_fraction(val_fraction)
+    texts: list[str] = []
+    for spec in train_specs:
+        texts.extend(_training_texts(spec, max_bytes=max_bytes, val_fraction=val_fraction, seed=seed))
+    tokenizer = BPETokenizer.train(texts, vocab_size)
+    if file is not None:
+        tokenizer.save(file)
+    return tokenizer
 
 
 # --------------------------------------------------------------------------- sources
@@ -192,7 +495,12 @@ class TokenSource:
     tokenizer: str = "bytes"
     """Name of the tokenizer that made the tokens ("pretokenized" for ``.bin`` files)."""
     tokens_per_byte: float | None = 1.0
-    """Tokens per byte of text, for bits per byte; None when unknown (``.bin`` files)."""
+    """Tokens per UTF-8 byte of the source's text (both splits), for bits per byte; None when
+    unknown (``.bin`` files). 1.0 for the byte tokenizer."""
+    val_tokens_per_byte: float | None = None
+    """The same for the validation split alone (None when it is empty or for ``.bin`` files):
+    the exact factor for validation losses. A tokenizer trained on the training split
+    compresses validation text slightly less (about 3% more tokens per byte for BPE)."""
 
     def max_token(self) -> int:
         """Largest token id in either split (-1 when both are empty)."""
@@ -213,47 +521,90 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _split_at_document(tokens: np.ndarray, doc_starts: np.ndarray, val_fraction: float):
-    """Split off the last ``val_fraction`` of tokens, at a document start when one is near."""
-    n = len(tokens)
+@dataclass(frozen=True, eq=False)
+class _Text:
+    """A text source before tokenization: its documents, as UTF-8 bytes."""
+
+    name: str
+    origin: str
+    documents: Sequence[bytes]
+    val_documents: Sequence[bytes] | None = None
+    """A validation split of its own (arithmetic, a dataset's validation split); else one is cut."""
+
+
+def _cut_point(n: int, doc_starts: np.ndarray, val_fraction: float) -> int:
+    """Where the last ``val_fraction`` of ``n`` units begins: at a document start when one is near."""
     if val_fraction == 0 or n < 2:
-        return tokens, tokens[n:]
+        return n
     n_val = min(max(1, round(n * val_fraction)), n - 1)
     target = n - n_val
-    starts = doc_starts[(doc_starts > 0) & (doc_starts < n)]
+    starts = np.asarray(doc_starts, dtype=np.int64)
+    starts = starts[(starts > 0) & (starts < n)]
     near = starts[np.abs(starts - target) <= n_val // 4]
-    cut = int(near[np.argmin(np.abs(near - target))]) if len(near) else target
+    return int(near[np.argmin(np.abs(near - target))]) if len(near) else target
+
+
+def _split_at_document(tokens: np.ndarray, doc_starts: np.ndarray, val_fraction: float):
+    """Split off the last ``val_fraction`` of tokens, at a document start when one is near."""
+    cut = _cut_point(len(tokens), doc_starts, val_fraction)
     return tokens[:cut], tokens[cut:]
 
 
-def _tokenize_documents(documents: Sequence[bytes], tokenizer) -> tuple[np.ndarray, np.ndarray, float]:
-    """Concatenated tokens, the token offset of each document, and tokens per byte."""
-    n_bytes = sum(len(d) for d in documents)
+def _split_text(text: _Text, val_fraction: float, *, char_boundary: bool) -> tuple[list[bytes], list[bytes]]:
+    """Training and validation documents. The cut is made on the text, before tokenizing,
+    so that every tokenizer sees the same training and validation text.
+
+    ``char_boundary`` moves a cut that falls inside a UTF-8 character back to its start
+    (needed by tokenizers that decode the text; the byte tokenizer takes the bytes as they are).
+    """
+    if text.val_documents is not None:
+        return [d for d in text.documents if d], [d for d in text.val_documents if d]
+    docs = [d for d in text.documents if d]
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if docs else lengths
+    n = int(lengths.sum())
+    cut = _cut_point(n, starts, val_fraction)
+    if cut >= n:
+        return docs, []
+    i = int(np.searchsorted(starts, cut, side="right")) - 1
+    doc, offset = docs[i], cut - int(starts[i])
+    if char_boundary:
+        while offset > 0 and doc[offset] & 0xC0 == 0x80:  # a continuation byte
+            offset -= 1
+    head, tail = doc[:offset], doc[offset:]
+    return docs[:i] + ([head] if head else []), [tail] + docs[i + 1:]
+
+
+def _encode_documents(documents: Sequence[bytes], tokenizer) -> tuple[np.ndarray, int]:
+    """The documents' tokens, concatenated, and the number of UTF-8 bytes they encode."""
     if isinstance(tokenizer, ByteTokenizer):
         joined = b"".join(documents)
-        tokens = tokenizer.encode_bytes(joined)
-        lengths = [len(d) for d in documents]
-    else:
-        pieces = [np.asarray(tokenizer.encode(d.decode("utf-8", errors="replace"))) for d in documents]
-        for piece in pieces:
-            if piece.size and (piece.min() < 0 or piece.max() >= 2 ** 16):
-                raise UserError(f"tokenizer {getattr(tokenizer, 'name', tokenizer)!r} produced ids outside "
-                                f"0..65535; sharpscope stores tokens as uint16")
-        tokens = np.concatenate(pieces).astype(np.uint16) if pieces else np.zeros(0, np.uint16)
-        lengths = [len(p) for p in pieces]
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if lengths else np.zeros(0, np.int64)
-    tokens_per_byte = len(tokens) / n_bytes if n_bytes else None
-    return tokens, starts, tokens_per_byte
+        return tokenizer.encode_bytes(joined), len(joined)
+    texts = [d.decode("utf-8", errors="replace") for d in documents]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    pieces = encode_batch(texts) if callable(encode_batch) else [tokenizer.encode(t) for t in texts]
+    pieces = [np.asarray(p) for p in pieces]
+    for piece in pieces:
+        if piece.size and (piece.min() < 0 or piece.max() >= 2 ** 16):
+            raise UserError(f"tokenizer {getattr(tokenizer, 'name', tokenizer)!r} produced ids outside "
+                            f"0..65535; sharpscope stores tokens as uint16")
+    tokens = np.concatenate(pieces).astype(np.uint16) if pieces else np.zeros(0, np.uint16)
+    return tokens, n_bytes
 
 
-def _text_source(name: str, documents: Sequence[bytes], *, origin: str, tokenizer, val_fraction: float) -> TokenSource:
-    tokens, starts, tokens_per_byte = _tokenize_documents(documents, tokenizer)
-    if len(tokens) == 0:
-        raise UserError(f"data source '{origin}' is empty; give it some text")
-    train, val = _split_at_document(tokens, starts, val_fraction)
-    return TokenSource(name=name, train=_read_only(train), val=_read_only(val), origin=origin,
+def _text_source(text: _Text, *, tokenizer, val_fraction: float) -> TokenSource:
+    """Split ``text`` and encode both splits with ``tokenizer``."""
+    tokenizer = tokenizer or ByteTokenizer()
+    train_docs, val_docs = _split_text(text, val_fraction, char_boundary=not isinstance(tokenizer, ByteTokenizer))
+    train, train_bytes = _encode_documents(train_docs, tokenizer)
+    val, val_bytes = _encode_documents(val_docs, tokenizer)
+    if len(train) + len(val) == 0:
+        raise UserError(f"data source '{text.origin}' is empty; give it some text")
+    return TokenSource(name=text.name, train=_read_only(train), val=_read_only(val), origin=text.origin,
                        tokenizer=getattr(tokenizer, "name", type(tokenizer).__name__),
-                       tokens_per_byte=tokens_per_byte)
+                       tokens_per_byte=(len(train) + len(val)) / (train_bytes + val_bytes),
+                       val_tokens_per_byte=len(val) / val_bytes if val_bytes else None)
 
 
 def _cap_documents(documents: Iterable[bytes], max_bytes: int) -> list[bytes]:
@@ -392,20 +743,26 @@ def _check_cap(max_bytes, default: int | None) -> int | None:
     return int(max_bytes)
 
 
+def _code_text(max_bytes: int | None, name: str = "code") -> _Text:
+    cap = _check_cap(max_bytes, DEFAULT_MAX_BYTES)
+    return _Text(name, f"Python standard library source ({_stdlib_root()})", _code_documents(cap))
+
+
+def _prose_text(max_bytes: int | None, name: str = "prose") -> _Text:
+    cap = _check_cap(max_bytes, DEFAULT_MAX_BYTES)
+    return _Text(name, f"Python documentation ({_stdlib_root()})", _prose_documents(cap))
+
+
 def load_code(*, max_bytes: int | None = None, val_fraction: float = 0.05, tokenizer=None,
               name: str = "code") -> TokenSource:
     """Python standard-library source, at most ``max_bytes`` (default 4 MB)."""
-    cap = _check_cap(max_bytes, DEFAULT_MAX_BYTES)
-    return _text_source(name, _code_documents(cap), origin=f"Python standard library source ({_stdlib_root()})",
-                        tokenizer=tokenizer or ByteTokenizer(), val_fraction=_check_fraction(val_fraction))
+    return _text_source(_code_text(max_bytes, name), tokenizer=tokenizer, val_fraction=_check_fraction(val_fraction))
 
 
 def load_prose(*, max_bytes: int | None = None, val_fraction: float = 0.05, tokenizer=None,
                name: str = "prose") -> TokenSource:
     """Docstrings and pydoc topics of the Python installation, at most ``max_bytes`` (default 4 MB)."""
-    cap = _check_cap(max_bytes, DEFAULT_MAX_BYTES)
-    return _text_source(name, _prose_documents(cap), origin=f"Python documentation ({_stdlib_root()})",
-                        tokenizer=tokenizer or ByteTokenizer(), val_fraction=_check_fraction(val_fraction))
+    return _text_source(_prose_text(max_bytes, name), tokenizer=tokenizer, val_fraction=_check_fraction(val_fraction))
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -473,23 +830,27 @@ def _arithmetic_text(n: int, max_operand: int, seed: int, heldout: bool) -> byte
     return _format_problems(*_draw_problems(rng, n, max_operand, heldout))
 
 
-def load_arithmetic(*, n_train: int = DEFAULT_ARITHMETIC_PROBLEMS, max_operand: int = 99,
-                    val_fraction: float = 0.05, seed: int = 0, tokenizer=None,
-                    name: str = "arithmetic") -> TokenSource:
-    """Generated problems ``a<op>b=c``: ``n_train`` training lines from the training problems,
-    ``val_fraction`` of all lines (at least one) from the held-out problems."""
+def _arithmetic_corpus(*, n_train: int = DEFAULT_ARITHMETIC_PROBLEMS, max_operand: int = 99,
+                      val_fraction: float = 0.05, seed: int = 0, name: str = "arithmetic") -> _Text:
     max_operand, seed = _check_operand(max_operand), _check_seed(seed)
     val_fraction = _check_fraction(val_fraction)
     if isinstance(n_train, bool) or int(n_train) != n_train or n_train < 1:
         raise UserError(f"n_train must be a positive number of problems, got {n_train!r}")
     n_val = max(1, round(n_train * val_fraction / (1 - val_fraction))) if val_fraction else 0
-    tokenizer = tokenizer or ByteTokenizer()
-    train, _, tpb = _tokenize_documents([_arithmetic_text(int(n_train), max_operand, seed, False)], tokenizer)
-    val = (_tokenize_documents([_arithmetic_text(n_val, max_operand, seed, True)], tokenizer)[0]
-           if n_val else train[:0])
+    train = _arithmetic_text(int(n_train), max_operand, seed, False)
+    val = [_arithmetic_text(n_val, max_operand, seed, True)] if n_val else []
     origin = f"generated arithmetic (seed={seed}, n_train={n_train}, max_operand={max_operand})"
-    return TokenSource(name=name, train=_read_only(train), val=_read_only(val), origin=origin,
-                       tokenizer=getattr(tokenizer, "name", type(tokenizer).__name__), tokens_per_byte=tpb)
+    return _Text(name, origin, [train], val)
+
+
+def load_arithmetic(*, n_train: int = DEFAULT_ARITHMETIC_PROBLEMS, max_operand: int = 99,
+                    val_fraction: float = 0.05, seed: int = 0, tokenizer=None,
+                    name: str = "arithmetic") -> TokenSource:
+    """Generated problems ``a<op>b=c``: ``n_train`` training lines from the training problems,
+    ``val_fraction`` of all lines (at least one) from the held-out problems."""
+    corpus = _arithmetic_corpus(n_train=n_train, max_operand=max_operand, val_fraction=val_fraction, seed=seed,
+                                name=name)
+    return _text_source(corpus, tokenizer=tokenizer, val_fraction=val_fraction)
 
 
 def arithmetic_problems(n: int, seed: int = 0, *, max_operand: int = 99,
@@ -566,9 +927,176 @@ def _default_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", base).lstrip(".") or "data"
 
 
+# --------------------------------------------------------------------------- Hugging Face datasets
+
+
+def _parse_hf(spec: str) -> tuple[str, dict[str, str]]:
+    """``hf:TARGET?key=value&...`` as the target and its options."""
+    target, _, query = spec[len(HF_PREFIX):].partition("?")
+    target = target.strip()
+    if not target:
+        raise UserError(f"data source '{spec}' names no dataset; write hf:PATH_OR_NAME, e.g. hf:data/corpus.jsonl")
+    options: dict[str, str] = {}
+    if query:
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise UserError(f"data source '{spec}': cannot read the options after '?'; write them as "
+                            f"key=value joined by '&', e.g. ?field=text&split=train") from None
+        for key, value in pairs:
+            if key not in HF_OPTIONS:
+                raise UserError(f"data source '{spec}': unknown option '{key}'; the options are "
+                                f"{', '.join(HF_OPTIONS)}")
+            if key in options:
+                raise UserError(f"data source '{spec}': option '{key}' is given twice")
+            if not value:
+                raise UserError(f"data source '{spec}': option '{key}' has no value")
+            options[key] = value
+    return target, options
+
+
+def _data_file_format(path: Path) -> tuple[str | None, dict]:
+    """The ``datasets`` builder (and its arguments) for a data file, by extension."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _HF_COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    ext = suffixes[-1] if suffixes else ""
+    return _HF_BUILDERS.get(ext), ({"sep": "\t"} if ext == ".tsv" else {})
+
+
+def _looks_like_path(target: str) -> bool:
+    # A Hub id is "name" or "owner/name"; anything else is meant as a file or folder.
+    return (target.startswith((".", "~", "/", "\\")) or "\\" in target or target.count("/") > 1
+            or Path(target).is_absolute() or _data_file_format(Path(target))[0] is not None)
+
+
+def _import_datasets(spec: str):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data source '{spec}' needs the Hugging Face datasets package: "
+                        f"pip install 'sharpscope[hf]'") from None
+    return datasets
+
+
+@contextlib.contextmanager
+def _hf_offline_and_quiet(datasets):
+    """Offline mode (no Hub requests at all), no progress bars, only errors logged; all restored after."""
+    import huggingface_hub.constants as hub_constants
+
+    saved_offline = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    saved_verbosity = datasets.logging.get_verbosity()
+    bars_were_disabled = datasets.are_progress_bars_disabled()
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    datasets.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # datasets warns when an environment variable decides instead
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved_offline
+        datasets.logging.set_verbosity(saved_verbosity)
+        if not bars_were_disabled:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                datasets.enable_progress_bars()
+
+
+def _hf_default_name(target: str, path: Path | None) -> str:
+    if path is None:
+        base = target.rstrip("/").rsplit("/", 1)[-1]  # owner/name -> name
+    else:
+        path = path.resolve()
+        base = path.name
+        if path.is_file():
+            base = base.split(".", 1)[0] or base
+            if base.lower() in _SPLIT_FILE_STEMS and path.parent.name:
+                base = path.parent.name  # data/<dataset>/train.jsonl
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", base).lstrip(".") or "data"
+
+
+def _hf_documents(dataset, field: str, spec: str, separator: bytes) -> Iterator[bytes]:
+    """The ``field`` of each row, UTF-8 encoded and followed by ``separator``; lazily, in order."""
+    if field not in dataset.column_names:
+        raise UserError(f"data source '{spec}' has no field '{field}'; its fields are "
+                        f"{', '.join(dataset.column_names) or 'none'} (choose one with ?field=NAME)")
+    keep_empty = separator == b"\n"  # rows are lines: an empty one is a paragraph break
+    for batch in dataset.select_columns([field]).iter(batch_size=1024):
+        for value in batch[field]:
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise UserError(f"field '{field}' of data source '{spec}' holds {type(value).__name__} values, "
+                                f"not text; choose a text field with ?field=NAME")
+            if value or keep_empty:
+                yield value.encode("utf-8") + separator
+
+
+def _hf_text(spec: str, name: str | None, *, max_bytes: int | None) -> _Text:
+    """A Hugging Face dataset (local file, folder, ``save_to_disk`` folder, or cached Hub dataset)."""
+    target, options = _parse_hf(spec)
+    cap = _check_cap(max_bytes, None)
+    path = Path(target).expanduser()
+    if not path.exists() and _looks_like_path(target):
+        raise UserError(f"data source '{spec}': no such file or folder {path}")
+    datasets = _import_datasets(spec)
+    field, split = options.get("field", "text"), options.get("split", "train")
+    config = options.get("config")
+    # Local data is converted to Arrow in a temporary cache, deleted once the text is read,
+    # so nothing is left in the user's cache or beside the data. Hub datasets are read from
+    # the user's Hugging Face cache, where an earlier download put them.
+    with _hf_offline_and_quiet(datasets), \
+            tempfile.TemporaryDirectory(prefix="sharpscope-hf-", ignore_cleanup_errors=True) as cache:
+        try:
+            if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+                loaded = datasets.load_from_disk(str(path))
+            elif path.is_dir():
+                loaded = datasets.load_dataset(str(path), config, cache_dir=cache)
+            elif path.is_file():
+                builder, kwargs = _data_file_format(path)
+                if builder is None:
+                    raise UserError(f"data source '{spec}': {path} is not a data file datasets can read; use "
+                                    f"{', '.join(sorted(_HF_BUILDERS))} (optionally compressed)")
+                loaded = datasets.load_dataset(builder, config, data_files={"train": str(path)}, cache_dir=cache,
+                                               **kwargs)
+            else:
+                loaded = datasets.load_dataset(target, config)
+        except UserError:
+            raise
+        except ConnectionError as err:  # offline, and not in the cache
+            raise UserError(f"data source '{spec}': '{target}' is neither an existing file or folder nor a "
+                            f"dataset in the local Hugging Face cache (sharpscope works offline and downloads "
+                            f"nothing; download it first, or point at its files)") from err
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UserError(f"data source '{spec}' could not be loaded: {type(err).__name__}: {first}") from err
+        splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        if split not in splits:
+            raise UserError(f"data source '{spec}' has no split '{split}'; its splits are {', '.join(splits)}")
+        val_split = options.get("val") or ("validation" if "validation" in splits and split != "validation"
+                                           else None)
+        if val_split is not None and val_split not in splits:
+            raise UserError(f"data source '{spec}' has no split '{val_split}'; its splits are "
+                            f"{', '.join(splits)}")
+        if val_split == split:
+            raise UserError(f"data source '{spec}': the validation split must differ from the training split")
+        # The text builder makes one row per line; other formats one row per document.
+        separator = b"\n" if splits[split].info.builder_name == "text" else b"\n\n"
+
+        def read(which: str) -> list[bytes]:
+            documents = _hf_documents(splits[which], field, spec, separator)
+            return _cap_documents(documents, cap) if cap is not None else list(documents)
+
+        train_docs = read(split)
+        val_docs = read(val_split) if val_split is not None else None
+        del loaded, splits  # release the memory-mapped Arrow files before the cache goes
+    return _Text(name or _hf_default_name(target, path if path.exists() else None), spec, train_docs, val_docs)
+
+
 def _parse_spec(spec: str) -> tuple[str | None, str]:
-    """Split ``name:spec`` unless the whole spec names a built-in or an existing path."""
-    if spec in BUILTIN_SOURCES or Path(spec).expanduser().exists():
+    """Split ``name:spec`` unless the whole spec names a built-in, a dataset or an existing path."""
+    if spec in BUILTIN_SOURCES or spec.startswith(HF_PREFIX) or Path(spec).expanduser().exists():
         return None, spec
     head, sep, rest = spec.partition(":")
     if sep and rest and _NAME_PATTERN.fullmatch(head) and not (len(head) == 1 and rest[:1] in "\\/"):
@@ -576,56 +1104,73 @@ def _parse_spec(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
+def _resolve(spec: str, *, val_fraction: float, max_bytes: int | None, seed: int) -> _Text | tuple[str, Path]:
+    """The text behind a spec, or ``(name, path)`` for a pre-tokenized ``.bin`` file."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"data source must be a non-empty string, got {spec!r}")
+    name, target = _parse_spec(spec.strip())
+    if target == "code":
+        return _code_text(max_bytes, name or "code")
+    if target == "prose":
+        return _prose_text(max_bytes, name or "prose")
+    if target == "arithmetic":
+        return _arithmetic_corpus(val_fraction=val_fraction, seed=seed, name=name or "arithmetic")
+    if target.startswith(HF_PREFIX):
+        return _hf_text(target, name, max_bytes=max_bytes)
+    path = Path(target).expanduser()
+    if not path.exists():
+        raise UserError(f"data source '{target}' is neither a built-in corpus "
+                        f"({', '.join(BUILTIN_SOURCES)}) nor an existing file or folder; check the path")
+    cap = _check_cap(max_bytes, None)
+    name = name or _default_name(path)
+    if path.is_dir():
+        files = _folder_documents(path)
+        if not files:
+            raise UserError(f"folder {path} has no {', '.join('*' + s for s in _USER_TEXT_SUFFIXES)} "
+                            f"files; point at a folder of text or at a file")
+        documents = [p.read_bytes() for p in files]
+        # A blank line between files, so one file's end does not run into the next's start.
+        documents = [d if i == len(documents) - 1 else d + b"\n\n" for i, d in enumerate(documents)]
+        if cap is not None:
+            documents = _cap_documents(documents, cap)
+        if not any(documents):
+            raise UserError(f"folder {path} holds only empty text files; give it some text")
+        return _Text(name, str(path), documents)
+    if path.suffix.lower() == ".bin":
+        return name, path
+    data = path.read_bytes()
+    return _Text(name, str(path), [data[:cap] if cap is not None else data])
+
+
+def _training_texts(spec: str, *, max_bytes: int | None, val_fraction: float, seed: int) -> list[str]:
+    """The training-split documents of a text source, as strings (for training a tokenizer)."""
+    text = _resolve(spec, val_fraction=val_fraction, max_bytes=max_bytes, seed=seed)
+    if not isinstance(text, _Text):
+        raise UserError(f"data source '{text[1]}' is pre-tokenized (.bin), so a tokenizer cannot be trained on "
+                        f"it; train on text sources, or use the tokens as they are without a 'bpe' tokenizer")
+    train_docs, _ = _split_text(text, val_fraction, char_boundary=True)
+    return [d.decode("utf-8", errors="replace") for d in train_docs]
+
+
 def load_source(spec: str, *, tokenizer=None, val_fraction: float = 0.05, max_bytes: int | None = None,
                 seed: int = 0, block_size: int | None = None) -> TokenSource:
     """Load one data source (see the module docstring for the specs).
 
-    ``max_bytes`` caps text (built-in text corpora default to 4 MB; user text is uncapped);
-    it does not apply to ``.bin`` files or ``arithmetic``, which is sized by its problem
-    count. ``seed`` drives the generated ``arithmetic`` corpus; text is seed-free.
-    ``block_size``, when given, requires at least ``block_size + 1`` tokens in the training
-    split (and in the validation split, unless ``val_fraction`` is 0), so a too-short
-    source fails here, naming itself, instead of in the sampler.
+    Text is encoded with ``tokenizer`` (default: :class:`ByteTokenizer`); ``.bin`` files
+    keep their tokens whatever the tokenizer. ``max_bytes`` caps text (built-in text
+    corpora default to 4 MB; user text is uncapped); it does not apply to ``.bin`` files or
+    ``arithmetic``, which is sized by its problem count. ``seed`` drives the generated
+    ``arithmetic`` corpus; text is seed-free. ``block_size``, when given, requires at least
+    ``block_size + 1`` tokens in the training split (and in the validation split, unless
+    ``val_fraction`` is 0), so a too-short source fails here, naming itself, instead of in
+    the sampler.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"data source must be a non-empty string, got {spec!r}")
     val_fraction = _check_fraction(val_fraction)
-    tokenizer = tokenizer or ByteTokenizer()
-    name, target = _parse_spec(spec.strip())
-    if target == "code":
-        source = load_code(max_bytes=max_bytes, val_fraction=val_fraction, tokenizer=tokenizer, name=name or "code")
-    elif target == "prose":
-        source = load_prose(max_bytes=max_bytes, val_fraction=val_fraction, tokenizer=tokenizer, name=name or "prose")
-    elif target == "arithmetic":
-        source = load_arithmetic(val_fraction=val_fraction, seed=seed, tokenizer=tokenizer,
-                                 name=name or "arithmetic")
+    resolved = _resolve(spec, val_fraction=val_fraction, max_bytes=max_bytes, seed=seed)
+    if isinstance(resolved, _Text):
+        source = _text_source(resolved, tokenizer=tokenizer, val_fraction=val_fraction)
     else:
-        path = Path(target).expanduser()
-        if not path.exists():
-            raise UserError(f"data source '{target}' is neither a built-in corpus "
-                            f"({', '.join(BUILTIN_SOURCES)}) nor an existing file or folder; check the path")
-        cap = _check_cap(max_bytes, None)
-        name = name or _default_name(path)
-        if path.is_dir():
-            files = _folder_documents(path)
-            if not files:
-                raise UserError(f"folder {path} has no {', '.join('*' + s for s in _USER_TEXT_SUFFIXES)} "
-                                f"files; point at a folder of text or at a file")
-            documents = [p.read_bytes() for p in files]
-            # A blank line between files, so one file's end does not run into the next's start.
-            documents = [d if i == len(documents) - 1 else d + b"\n\n" for i, d in enumerate(documents)]
-            if cap is not None:
-                documents = _cap_documents(documents, cap)
-            if not any(documents):
-                raise UserError(f"folder {path} holds only empty text files; give it some text")
-            source = _text_source(name, documents, origin=str(path), tokenizer=tokenizer, val_fraction=val_fraction)
-        elif path.suffix.lower() == ".bin":
-            source = _load_bin(name, path, val_fraction)
-        else:
-            data = path.read_bytes()
-            if cap is not None:
-                data = data[:cap]
-            source = _text_source(name, [data], origin=str(path), tokenizer=tokenizer, val_fraction=val_fraction)
+        source = _load_bin(*resolved, val_fraction)
     if block_size is not None:
         splits = [("training", source.train)]
         if val_fraction > 0 or source.tokenizer == "pretokenized":

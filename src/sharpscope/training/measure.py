@@ -17,7 +17,7 @@ from ..curvature import (critical_sharpness, hessian_eigenvalues, hessian_trace,
 from . import data as data_lib
 from .checkpoint import load_checkpoint, read_state
 from .config import TrainConfig
-from .trainer import build_model, build_optimizer, lm_loss, lr_at
+from .trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer
 
 
 def _run_config(checkpoint: Path) -> TrainConfig:
@@ -39,7 +39,10 @@ def measure_checkpoint(checkpoint: Path, data: str, *, batch_size: int = 16, n_b
         raise UserError("--batch-size and --batches must be at least 1")
     read_state(checkpoint)  # checksums first: a corrupt checkpoint is named before anything loads
     config = _run_config(checkpoint)
-    tokenizer = data_lib.ByteTokenizer()
+    run_dir = checkpoint.parent.parent
+    if config.data.tokenizer != "bytes" and not (run_dir / TOKENIZER_FILE).is_file():
+        raise UserError(f"{run_dir / TOKENIZER_FILE} is missing; the run's tokenizer is needed to measure it")
+    tokenizer = make_run_tokenizer(config, run_dir, save=False)
     source = data_lib.load_source(data, tokenizer=tokenizer, max_bytes=config.data.max_bytes, seed=seed)
     sampler = data_lib.BatchSampler({source.name: source}, batch_size=batch_size,
                                     block_size=config.model.block_size, seed=seed, split="val")

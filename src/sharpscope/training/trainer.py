@@ -44,6 +44,24 @@ def lm_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+TOKENIZER_FILE = data_lib.TOKENIZER_FILE
+
+
+def make_run_tokenizer(config: TrainConfig, run_dir: Path, *, save: bool = True):
+    """The run's tokenizer: bytes, or BPE trained once and kept in the run directory (so
+    resume and ``sharpscope measure`` read the same vocabulary back)."""
+    if config.data.tokenizer == "bytes":
+        return data_lib.ByteTokenizer()
+    path = Path(run_dir) / TOKENIZER_FILE
+    if not save and not path.exists():
+        path = None  # other ranks train the same deterministic tokenizer without writing it
+    elif save:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return data_lib.make_tokenizer(config.data.tokenizer, vocab_size=config.data.vocab_size,
+                                   train_specs=config.data.sources, max_bytes=config.data.max_bytes, path=path,
+                                   val_fraction=config.data.val_fraction, seed=config.seed)
+
+
 def build_model(cfg: ModelConfig, vocab_size: int) -> GPT:
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown model preset '{cfg.preset}'; choose one of {', '.join(PRESETS)}")
@@ -161,7 +179,7 @@ class Trainer:
                     raise UserError(f"{what} ({size}) must be divisible by the number of processes ({self.world}): "
                                     "it is the global batch, split evenly over ranks")
         torch.manual_seed(config.seed)
-        self.tokenizer = data_lib.ByteTokenizer()
+        self.tokenizer = make_run_tokenizer(config, self.out, save=self.rank == 0)
         self.sources = data_lib.load_sources(
             config.data.sources, tokenizer=self.tokenizer, val_fraction=config.data.val_fraction,
             max_bytes=config.data.max_bytes, seed=config.seed, block_size=config.model.block_size + 1)
@@ -229,7 +247,7 @@ class Trainer:
             for name, batches in self.val.items():
                 loss = sum(float(lm_loss(self.model, self._to_device(b))) for b in batches) / len(batches)
                 out[f"eval/{name}/loss"] = loss
-                tokens_per_byte = self.sources[name].tokens_per_byte
+                tokens_per_byte = self.sources[name].val_tokens_per_byte
                 if tokens_per_byte is not None:  # unknown for pre-tokenized .bin data
                     out[f"eval/{name}/bpb"] = data_lib.bits_per_byte(loss, tokens_per_byte)
                 losses.append(loss)
