@@ -82,3 +82,24 @@ def test_batch_must_split_evenly(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "must be divisible by the number of processes" in proc.stderr
+
+
+def test_resume_under_ddp_with_dropout_is_exact(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    args = ["--out", str(run), *ARGS, "model.dropout=0.2", "--checkpoint-every", "6", "checkpoint.keep=5"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "sharpscope", "train"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole = rows(run)
+    final = load_file(str(run / "checkpoints" / "step00000012" / "model.safetensors"))
+    shutil.rmtree(run / "checkpoints" / "step00000012")  # as if killed after step 6's checkpoint
+    proc = subprocess.run(launch + args + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rows(run) == whole
+    again = load_file(str(run / "checkpoints" / "step00000012" / "model.safetensors"))
+    for key in final:
+        assert torch.equal(final[key], again[key]), key

@@ -32,7 +32,7 @@ from ..schedules import SCHEDULES, lr_multiplier
 from ..sizes import size_label
 from ..curvature import SharpnessMonitor, hessian_eigenvalues, hessian_trace, preconditioned_sharpness
 from . import data as data_lib
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ModelConfig, OptimConfig, TrainConfig
 from .model import GPT, PRESETS, GPTConfig, count_parameters
 
@@ -296,12 +296,26 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if self.monitor is not None and state.get("monitor"):
             self.monitor.load_state_dict(state["monitor"])
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        if self.world > 1 and (not ranks or len(ranks) != self.world):
+            raise UserError(f"{latest} was written by {len(ranks) if ranks else 1} process(es); "
+                            f"resume it with the same number ({self.world} now)")
+        set_rng_state(ranks[self.rank] if self.world > 1 else state["rng"])
         _repair_metrics(self.out, self.start_step)
 
     def _checkpoint(self, step: int) -> None:
+        """Called on every rank: each rank's RNG state (its dropout stream) is gathered so
+        that resume is exact under DDP too; rank 0 writes."""
+        rng_ranks = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            rng_ranks = [None] * self.world
+            dist.all_gather_object(rng_ranks, rng_state())
+        if self.rank != 0:
+            return
         state = {"tokens": step * self.tokens_per_step, "sampler": self.sampler.state_dict(),
-                 "monitor": self.monitor.state_dict() if self.monitor else None}
+                 "monitor": self.monitor.state_dict() if self.monitor else None, "rng_ranks": rng_ranks}
         save_checkpoint(self.out, step, self.model, self.optimizer, state, keep=self.config.checkpoint.keep)
 
     def run(self) -> Path:
@@ -361,7 +375,7 @@ class Trainer:
                     row.update(self.evaluate())
                 if lead and len(row) > 3:
                     writer.log(row)
-                if lead and (done == cfg.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0)):
+                if done == cfg.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                     self._checkpoint(done)
                 if progress is not None:
                     progress.update(1)
