@@ -9,10 +9,10 @@ import sysconfig
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sharpscope.schedules import lr_multiplier
 from sharpscope.training.model import GPT, GPTConfig, count_parameters
+from sharpscope.training.trainer import lm_loss as loss_fn  # next-token cross-entropy
 
 BLOCK = 64
 BATCH = 16
@@ -33,12 +33,6 @@ def batch_at(tokens: torch.Tensor, gen: torch.Generator, batch: int = BATCH):
     x = torch.stack([tokens[s : s + BLOCK] for s in starts])
     y = torch.stack([tokens[s + 1 : s + BLOCK + 1] for s in starts])
     return x, y
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 def small_gpt(seed: int = 0) -> GPT:

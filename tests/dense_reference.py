@@ -30,19 +30,23 @@ def unflatten(flat, names, shapes):
     return out
 
 
+class _Call(torch.nn.Module):
+    """Holds ``model`` as a submodule so functional_call can swap its parameters while
+    ``fn(model, batch)`` runs unchanged."""
+
+    def __init__(self, model, fn):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch):
+        return self.fn(self.model, batch)
+
+
 def functional_loss(model, loss_fn, batches):
     """L(flat θ) = mean over batches of loss_fn(model, batch), as a pure function."""
     names, shapes, flat0 = flat_parameters(model)
-
-    class _Call(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, batch):
-            return loss_fn(self.model, batch)
-
-    caller = _Call()
+    caller = _Call(model, loss_fn)
 
     def f(flat):
         params = {"model." + k: v for k, v in unflatten(flat, names, shapes).items()}
@@ -70,16 +74,7 @@ def dense_gradient(model, loss_fn, batches) -> torch.Tensor:
 def dense_ggn(model, forward_fn, batches) -> torch.Tensor:
     """Mean over batches of Jᵀ (∇²_z CE) J, with J the Jacobian of the logits."""
     names, shapes, flat0 = flat_parameters(model)
-
-    class _Call(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, batch):
-            return forward_fn(self.model, batch)
-
-    caller = _Call()
+    caller = _Call(model, forward_fn)
     total = torch.zeros(flat0.numel(), flat0.numel(), dtype=flat0.dtype)
     for b in batches:
         targets = b[1].reshape(-1)

@@ -10,7 +10,7 @@ import torch
 
 from dense_reference import (
     cross_entropy_loss, dense_ggn, dense_gradient, dense_hessian, functional_loss,
-    least_squares_loss, least_squares_problem, logits_forward, mlp_batches, split_like,
+    least_squares_loss, least_squares_problem, logits_forward, mlp_batches,
     tiny_mlp, tiny_transformer, to_flat, token_batches,
 )
 from sharpscope.curvature import (

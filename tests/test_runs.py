@@ -355,6 +355,22 @@ def test_run_writer_truncate_after(tmp_path):
     assert (p / METRICS_FILE).read_text().count("\n") == 4
 
 
+def test_run_writer_truncate_after_drops_a_line_cut_by_a_kill(tmp_path):
+    p = tmp_path / "run"
+    w = RunWriter(p, CONFIG)
+    for row in rows_for(3):
+        w.log(row)
+    w.close()
+    with open(p / METRICS_FILE, "a", encoding="utf-8") as fh:
+        fh.write('{"step": 3, "x": 1.')  # the write a SIGKILL interrupted
+    w = RunWriter(p, CONFIG)
+    w.truncate_after(5)
+    w.log({"step": 3, "x": 2.0})
+    w.close()
+    assert [r["step"] for r in read_run(p).metrics] == [0, 1, 2, 3]
+    assert read_run(p).metrics[-1]["x"] == 2.0
+
+
 def test_run_writer_requires_step(tmp_path):
     with RunWriter(tmp_path / "run", CONFIG) as w:
         with pytest.raises(ValueError):

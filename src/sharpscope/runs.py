@@ -106,8 +106,14 @@ class RunWriter:
         self._fh.flush()
 
     def truncate_after(self, step: int) -> None:
+        """Keep the rows up to ``step``. A last line without its newline was cut off by a
+        killed writer (rows are written whole, newline included) and is dropped."""
         self._fh.close()
-        rows = [r for r in _read_metrics(self.path / METRICS_FILE) if r["step"] <= step]
+        path = self.path / METRICS_FILE
+        data = path.read_bytes() if path.exists() else b""
+        if data and not data.endswith(b"\n"):
+            atomic_write_bytes(path, data[: data.rfind(b"\n") + 1])
+        rows = [r for r in _read_metrics(path) if r["step"] <= step]
         atomic_write_text(self.path / METRICS_FILE, "".join(metrics_line(r) + "\n" for r in rows))
         self._fh = open(self.path / METRICS_FILE, "a", encoding="utf-8")
 

@@ -28,6 +28,11 @@ from . import _dist
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors (autocast outputs), anything else unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def as_batch_list(batches: Any) -> list:
     if isinstance(batches, list):
         if not batches:
@@ -94,7 +99,26 @@ class Objective:
                 "loss_fn must return a 0-dim tensor (the mean loss of the batch), got "
                 + (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__)
             )
-        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+        return full_precision(out)
+
+    def batch_mean_(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sums over this rank's batches → the mean over batches and ranks, in place."""
+        for t in tensors:
+            t.div_(len(self.batches))
+        _dist.mean_tensors_(tensors, self.group)
+        return tensors
+
+    def gradient(self, params: list[torch.Tensor], *, second_order: bool = False) -> list[torch.Tensor]:
+        """∇L over all batches and ranks, by ``autograd.grad`` (``.grad`` is never touched);
+        zero for parameters the loss does not use."""
+        out = [torch.zeros_like(p) for p in params]
+        with torch.enable_grad():
+            for i in range(len(self.batches)):
+                parts = torch.autograd.grad(self.loss(i, second_order=second_order), params, allow_unused=True)
+                for acc, g in zip(out, parts):
+                    if g is not None:
+                        acc.add_(g.detach())
+        return self.batch_mean_(out)
 
     def value(self) -> float:
         """L(θ) at the model's current parameters, forward passes only (float64 mean)."""

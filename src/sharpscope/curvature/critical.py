@@ -462,17 +462,7 @@ def update_direction(
         distributed=distributed, process_group=process_group,
     )
     with StateGuard(model, mode=mode):
-        grads = vec.zeros_like(params)
-        with torch.enable_grad():
-            for i in range(len(objective.batches)):
-                loss = objective.loss(i)
-                parts = torch.autograd.grad(loss, params, allow_unused=True)
-                for acc, g in zip(grads, parts):
-                    if g is not None:
-                        acc.add_(g, alpha=1.0 / len(objective.batches))
-        from . import _dist
-
-        _dist.mean_tensors_(grads, objective.group)
+        grads = objective.gradient(params)
         if optimizer is None:
             return grads
         for p, g in zip(params, grads):

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from . import _vectors as vec
 from ._evaluate import LossFn
 from ._state import trainable_parameters, unwrap_model
 from .eigen import lanczos

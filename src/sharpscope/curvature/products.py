@@ -31,9 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _dist
 from . import _vectors as vec
-from ._evaluate import LossFn, Objective
+from ._evaluate import LossFn, Objective, full_precision
 from ._state import StateGuard, trainable_parameters, unwrap_model
 
 __all__ = [
@@ -64,9 +63,7 @@ def cross_entropy_on_outputs(outputs: torch.Tensor, batch: Any) -> torch.Tensor:
             "cannot find targets in the batch: use (inputs, targets), a dict with 'labels' "
             "or 'targets', or pass output_loss_fn"
         )
-    logits = outputs.reshape(-1, outputs.shape[-1])
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # softmax statistics in float32 under autocast
+    logits = full_precision(outputs.reshape(-1, outputs.shape[-1]))  # softmax statistics in float32
     return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100)
 
 
@@ -127,25 +124,13 @@ class _Operator:
         with torch.enable_grad():
             for i in range(self.n_batches):
                 self._accumulate(i, v, out)
-        scale = 1.0 / self.n_batches
-        out = [o.mul_(scale) for o in out]
-        _dist.mean_tensors_(out, self.objective.group)
         self.matvecs += 1
-        return out
+        return self.objective.batch_mean_(out)
 
     def gradient(self) -> list[torch.Tensor]:
         """∇L at the current θ (the mean over batches and ranks)."""
         self._check_open()
-        out = vec.zeros_like(self.params)
-        with torch.enable_grad():
-            for i in range(self.n_batches):
-                loss = self.objective.loss(i, second_order=True)
-                for acc, g in zip(out, _grads(loss, self.params, create_graph=False)):
-                    if g is not None:
-                        acc.add_(g.detach())
-        out = [o.div_(self.n_batches) for o in out]
-        _dist.mean_tensors_(out, self.objective.group)
-        return out
+        return self.objective.gradient(self.params, second_order=True)
 
 
 def _grads(output, inputs, *, create_graph, grad_outputs=None, retain_graph=None):
@@ -273,7 +258,7 @@ def _outputs_and_loss(objective: Objective, i: int, forward_fn, output_loss_fn):
         if not isinstance(outputs, torch.Tensor):
             raise TypeError("forward_fn must return the output tensor (the logits)")
         loss = output_loss_fn(outputs, objective.batches[i])
-    return outputs, (loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss)
+    return outputs, full_precision(loss)
 
 
 class GGNOperator(_Operator):
@@ -353,9 +338,7 @@ class GGNOperator(_Operator):
             for acc, g in zip(out, kept[4]):
                 if g is not None:
                     acc.add_(g.detach())
-        out = [o.div_(self.n_batches) for o in out]
-        _dist.mean_tensors_(out, self.objective.group)
-        return out
+        return self.objective.batch_mean_(out)
 
     def hessian_matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """H·v through the same kept graphs (one backward per batch)."""
@@ -365,10 +348,8 @@ class GGNOperator(_Operator):
         with torch.enable_grad():
             for i in range(self.n_batches):
                 _backward_through(self._kept[i][4], self.params, v, out)
-        out = [o.div_(self.n_batches) for o in out]
-        _dist.mean_tensors_(out, self.objective.group)
         self.hessian_matvecs += 1
-        return out
+        return self.objective.batch_mean_(out)
 
     def functional_matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """H_F·v = H·v − G·v, the functional-Hessian part."""

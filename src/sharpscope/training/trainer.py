@@ -16,7 +16,6 @@ the run is bit-for-bit the run that was never interrupted.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from ..config import to_dict
 from ..errors import UserError
-from ..runs import CONFIG_FILE, METRICS_FILE, RunWriter, atomic_write_text, metrics_line
+from ..runs import METRICS_FILE, RunWriter
 from ..schedules import SCHEDULES, lr_multiplier
 from ..sizes import size_label
 from ..curvature import SharpnessMonitor, hessian_eigenvalues, hessian_trace, preconditioned_sharpness
@@ -137,22 +136,6 @@ def _distributed_setup(config: TrainConfig) -> tuple[int, int, bool]:
     return dist.get_world_size(), dist.get_rank(), created
 
 
-def _repair_metrics(run_dir: Path, step: int) -> None:
-    """Keep the rows logged up to ``step``; a line cut by a hard kill is dropped."""
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(metrics_line(row) + "\n")
-    atomic_write_text(path, "".join(kept))
-
-
 class Trainer:
     """Builds everything from a TrainConfig and runs it into ``out`` (a run directory)."""
 
@@ -189,16 +172,18 @@ class Trainer:
         block = config.model.block_size
         self.sampler = data_lib.BatchSampler(self.sources, batch_size=config.data.batch_size, block_size=block,
                                              weights=weights, seed=config.seed, split="train")
-        self.probe = data_lib.BatchSampler(self.sources, batch_size=config.monitor.probe_batch_size, block_size=block,
-                                           weights=weights, seed=config.seed + 1, split="val").batch_at(0)
-        self.val = data_lib.validation_batches(self.sources, batch_size=config.data.batch_size, block_size=block,
-                                               n_batches=config.eval.batches, seed=config.seed)
+        probe = data_lib.BatchSampler(self.sources, batch_size=config.monitor.probe_batch_size, block_size=block,
+                                      weights=weights, seed=config.seed + 1, split="val").batch_at(0)
+        self.probe_shard = self._shard(probe)  # this rank's share, on the device, for every measurement
+        val = data_lib.validation_batches(self.sources, batch_size=config.data.batch_size, block_size=block,
+                                          n_batches=config.eval.batches, seed=config.seed)
+        self.val = {name: [self._to_device(b) for b in batches] for name, batches in val.items()}
         self.model = build_model(config.model, self.tokenizer.vocab_size).to(self.device)
         self.n_params = count_parameters(self.model)
         self.optimizer = build_optimizer(config.optim, self.model)
         self.monitor = None
         if config.monitor.every > 0:
-            self.monitor = SharpnessMonitor(self.model, lm_loss, self._shard(self.probe), self.optimizer,
+            self.monitor = SharpnessMonitor(self.model, lm_loss, self.probe_shard, self.optimizer,
                                             every=config.monitor.every, method=config.monitor.method,
                                             rtol=config.monitor.rtol)
         self.tokens_per_step = config.data.batch_size * block
@@ -245,7 +230,7 @@ class Trainer:
         try:
             losses = []
             for name, batches in self.val.items():
-                loss = sum(float(lm_loss(self.model, self._to_device(b))) for b in batches) / len(batches)
+                loss = sum(float(lm_loss(self.model, b)) for b in batches) / len(batches)
                 out[f"eval/{name}/loss"] = loss
                 tokens_per_byte = self.sources[name].val_tokens_per_byte
                 if tokens_per_byte is not None:  # unknown for pre-tokenized .bin data
@@ -265,15 +250,16 @@ class Trainer:
         block = self.config.model.block_size
         for prompt, answer in problems:
             ids = [int(t) for t in self.tokenizer.encode(prompt)]
+            prompt_length = len(ids)
             for _ in range(len(answer) + 1):
                 x = torch.tensor([ids[-block:]], device=self.device)
                 ids.append(int(self.model(x)[0, -1].argmax()))
-            text = self.tokenizer.decode(ids[len(self.tokenizer.encode(prompt)):])
+            text = self.tokenizer.decode(ids[prompt_length:])
             correct += text.split("\n")[0] == answer
         return correct / len(problems)
 
     def exact_curvature(self) -> dict[str, float]:
-        batch = self._shard(self.probe)  # every rank takes part; products are all-reduced
+        batch = self.probe_shard  # every rank takes part; products are all-reduced
         cfg = self.config.monitor
         out = {}
         eig = hessian_eigenvalues(self.model, lm_loss, [batch], k=1, max_iter=cfg.lanczos_iters, tol=1e-3)
@@ -301,7 +287,6 @@ class Trainer:
             raise UserError(f"{latest} was written by {len(ranks) if ranks else 1} process(es); "
                             f"resume it with the same number ({self.world} now)")
         set_rng_state(ranks[self.rank] if self.world > 1 else state["rng"])
-        _repair_metrics(self.out, self.start_step)
 
     def _checkpoint(self, step: int) -> None:
         """Called on every rank: each rank's RNG state (its dropout stream) is gathered so
@@ -327,6 +312,8 @@ class Trainer:
         if lead:
             self.out.mkdir(parents=True, exist_ok=True)
             writer = _Writer(self.out, self.run_config(), cfg)
+            if self.resume:  # rows logged after the checkpoint are recomputed
+                writer.record.truncate_after(self.start_step)
         progress = None
         if cfg.progress and lead:
             from tqdm import tqdm
