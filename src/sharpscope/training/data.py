@@ -222,6 +222,19 @@ class Tokenizer(Protocol):
     def decode(self, ids) -> str: ...
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(text: str) -> str:
+    """``text`` with lone surrogates (which JSON escapes such as "\\ud800" can produce, and which
+    UTF-8 cannot encode) replaced by U+FFFD, the same in every tokenizer."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def _ids_array(ids) -> np.ndarray:
     """Token ids (list, array or tensor, any shape) as a flat int64 array."""
     if isinstance(ids, torch.Tensor):
@@ -236,7 +249,7 @@ class ByteTokenizer:
     vocab_size = 256
 
     def encode(self, text: str) -> np.ndarray:
-        return self.encode_bytes(text.encode("utf-8"))
+        return self.encode_bytes(_encodable(text).encode("utf-8"))
 
     def encode_bytes(self, data: bytes) -> np.ndarray:
         return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
@@ -410,7 +423,7 @@ class BPETokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Encode many documents at once (in parallel); one uint16 array per document."""
         self._check_fits()
-        chunked = [self._chunks(t) for t in texts]
+        chunked = [self._chunks(_encodable(t)) for t in texts]
         flat = [c for chunks in chunked for c in chunks]
         encodings = iter(self._tokenizer.encode_batch_fast(flat, add_special_tokens=False))
         out = []
