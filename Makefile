@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	SHARPSCOPE_HYPOTHESIS=explore $(PY) -m pytest -q
 
 bench: $(STAMP)
 	@set -e; for script in bench/bench_*.py; do \
