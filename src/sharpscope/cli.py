@@ -172,12 +172,15 @@ def _train_config(args: argparse.Namespace):
         overrides.insert(0, config_path)
         config_path = None
     for flag, key in (("steps", "steps"), ("seed", "seed"), ("monitor_every", "monitor.every"),
-                      ("checkpoint_every", "checkpoint.every")):
+                      ("checkpoint_every", "checkpoint.every"), ("optimizer", "optim.name"), ("rho", "optim.rho"),
+                      ("phi", "optim.phi"), ("inner_steps", "optim.inner_steps"), ("inner_lr", "optim.inner_lr")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.no_progress:
         overrides.append("progress=false")
+    if args.precondition:
+        overrides.append("optim.precondition=true")
     return load_config(TrainConfig, config_path, overrides)
 
 
@@ -290,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--monitor-every", type=int, help="critical sharpness every N steps (0 = off)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0 = at the end only)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--optimizer", choices=("adamw", "sgd", "sam", "functional-sam", "angle-sam", "nexus"),
+                   help="optimizer (the SAM family and Nexus wrap optim.base, adamw by default)")
+    t.add_argument("--rho", type=float, help="SAM family: perturbation radius")
+    t.add_argument("--precondition", action="store_true", help="SAM family: perturb in Adam's geometry")
+    t.add_argument("--phi", type=float, help="angle-sam: angle in radians")
+    t.add_argument("--inner-steps", type=int, help="nexus: inner steps per outer step")
+    t.add_argument("--inner-lr", type=float, help="nexus: inner step length")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
     t.set_defaults(func=cmd_train)

@@ -46,7 +46,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return _coerce(value, non_none[0], where)
     if origin in (list, tuple):
         item_type = args[0] if args else Any
-        if isinstance(value, str):
+        if isinstance(value, str) and value.strip().startswith("["):
+            value = _toml_list(value, where)  # a TOML list on the command line: ["code", "prose"]
+        elif isinstance(value, str):
             value = [v for v in (s.strip() for s in value.split(",")) if v]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key '{where}' must be a list, got {value!r}")
@@ -96,6 +98,16 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 def to_dict(config: Any) -> dict[str, Any]:
     """The resolved config as plain JSON-ready data."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _toml_list(text: str, where: str) -> list:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config key '{where}': {text!r} is not a TOML list ({exc}); write a,b,c or "
+                        '["a", "b", "c"]') from None
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -53,7 +53,10 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    """'adamw' or 'sgd' (with momentum)."""
+    """adamw, sgd (with momentum), sam, functional-sam, angle-sam or nexus. The last four
+    wrap ``base`` (see docs/optimizers.md)."""
+    base: str = "adamw"
+    """Base optimizer that the SAM family and Nexus hand their gradient to: adamw or sgd."""
     lr: float = 3e-3
     """Peak learning rate."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -65,7 +68,28 @@ class OptimConfig:
     momentum: float = 0.9
     """SGD momentum."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping)."""
+    """Clip the global gradient norm to this (0 = no clipping); with the SAM family and
+    Nexus the final gradient (the one the base optimizer takes) is clipped."""
+    rho: float = 0.05
+    """SAM family: perturbation radius ρ (Euclidean norm of the perturbation)."""
+    rho_warmup_steps: int = 0
+    """SAM family: ρ ramps linearly from ρ/W to ρ over this many steps (0 = full ρ at once)."""
+    precondition: bool = False
+    """SAM family: perturb in Adam's geometry, ρ·M⁻¹g/‖M⁻¹g‖ with M = √v̂ + ε (base adamw)."""
+    phi: float = 0.7853981633974483
+    """angle-sam: angle φ in radians (0 = Functional-SAM, π/2 = logit path, π/4 ≈ SAM)."""
+    inner_steps: int = 4
+    """nexus: K inner steps per outer step, each on batch_size/K sequences (so an outer
+    step reads as many tokens as one AdamW step)."""
+    inner_lr: float = 0.01
+    """nexus: inner step length γ (steps are normalised: each moves θ' by γ)."""
+    pseudo_grad: str = "mean"
+    """nexus: scaling of θ − θ'_K handed to the base: mean (÷γK), sum (÷γ) or displacement."""
+    inner_lr_follows_schedule: bool = False
+    """nexus: scale γ with the lr schedule (γ·lr_t/lr_peak)."""
+    source_order: str = "cycle"
+    """nexus: source of each inner micro-batch: cycle (through the sources in turn, going on
+    across steps), random (drawn by the mixture weights) or mixed (mixture micro-batches)."""
 
 
 @dataclass

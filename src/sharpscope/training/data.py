@@ -1103,7 +1103,7 @@ def _hf_text(spec: str, name: str | None, *, max_bytes: int | None) -> _Text:
 
         train_docs = read(split)
         val_docs = read(val_split) if val_split is not None else None
-        del loaded, splits  # release the memory-mapped Arrow files before the cache goes
+        loaded = splits = None  # release the memory-mapped Arrow files before the cache goes
     return _Text(name or _hf_default_name(target, path if path.exists() else None), spec, train_docs, val_docs)
 
 

@@ -17,7 +17,7 @@ from ..curvature import (critical_sharpness, hessian_eigenvalues, hessian_trace,
 from . import data as data_lib
 from .checkpoint import load_checkpoint, read_state
 from .config import TrainConfig
-from .trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer
+from .trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
 
 
 def _run_config(checkpoint: Path) -> TrainConfig:
@@ -55,7 +55,8 @@ def measure_checkpoint(checkpoint: Path, data: str, *, batch_size: int = 16, n_b
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.eval()
-    direction = update_direction(model, lm_loss, batches, optimizer)
+    # The SAM family and Nexus: the direction their base optimizer takes from the plain gradient.
+    direction = update_direction(model, lm_loss, batches, plain_optimizer(optimizer))
     crit = critical_sharpness(model, lm_loss, batches, direction, eta0=lr)
     eig = hessian_eigenvalues(model, lm_loss, batches, k=1, max_iter=lanczos_iters, tol=1e-4)
     trace = hessian_trace(model, lm_loss, batches, samples=trace_samples)
@@ -67,7 +68,7 @@ def measure_checkpoint(checkpoint: Path, data: str, *, batch_size: int = 16, n_b
         "sharpness/trace_stderr": trace.stderr, "sharpness/trace_per_param": trace.per_param,
         "sharpness/two_over_lr": 2.0 / lr,
     }
-    if isinstance(optimizer, torch.optim.AdamW) and optimizer.state:
+    if isinstance(plain_optimizer(optimizer), torch.optim.AdamW) and optimizer.state:
         pre = preconditioned_sharpness(model, lm_loss, batches, optimizer, max_iter=lanczos_iters, tol=1e-4)
         out["sharpness/preconditioned"] = pre.value
         out["sharpness/preconditioned_threshold"] = pre.threshold

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,11 +37,17 @@ from .config import ModelConfig, OptimConfig, TrainConfig
 from .model import GPT, PRESETS, GPTConfig, count_parameters
 
 
-def lm_loss(model: torch.nn.Module, batch) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats per token) of a (inputs, targets) batch."""
+def lm_logits_and_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits_BxTxV, mean next-token cross-entropy in nats per token) of an (inputs,
+    targets) batch: the closure form of the SAM family and Nexus."""
     x, y = batch
     logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def lm_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats per token) of a (inputs, targets) batch."""
+    return lm_logits_and_loss(model, batch)[1]
 
 
 TOKENIZER_FILE = data_lib.TOKENIZER_FILE
@@ -76,18 +83,55 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> GPT:
     return GPT(gpt)
 
 
+OPTIMIZERS = ("adamw", "sgd", "sam", "functional-sam", "angle-sam", "nexus")
+SHARPNESS_AWARE = ("sam", "functional-sam", "angle-sam")
+
+
+def _base_optimizer(name: str, cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    if name == "adamw":
+        if len(cfg.betas) != 2:
+            raise UserError(f"optim.betas needs two numbers, got {cfg.betas}")
+        return torch.optim.AdamW, {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    if name == "sgd":
+        return torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum}
+    raise UserError(f"unknown base optimizer '{name}'; choose adamw or sgd")
+
+
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s parameters. The SAM family and Nexus get the
+    model as trained later (``optimizer.model = ...``) when it is wrapped for DDP."""
     # No weight decay on biases, norms and embeddings' 1-D parameters (standard practice).
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.name == "adamw":
-        if len(cfg.betas) != 2:
-            raise UserError(f"optim.betas needs two numbers, got {cfg.betas}")
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    raise UserError(f"unknown optimizer '{cfg.name}'; choose adamw or sgd")
+    if cfg.name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer '{cfg.name}'; choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.name in ("adamw", "sgd"):
+        base, kwargs = _base_optimizer(cfg.name, cfg)
+        return base(groups, **kwargs)
+    from .. import optim
+
+    base, kwargs = _base_optimizer(cfg.base, cfg)
+    try:
+        if cfg.name == "nexus":
+            return optim.Nexus(groups, base, inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr,
+                               pseudo_grad=cfg.pseudo_grad, inner_lr_follows_schedule=cfg.inner_lr_follows_schedule,
+                               model=model, **kwargs)
+        common = dict(rho=cfg.rho, precondition=cfg.precondition, rho_warmup_steps=cfg.rho_warmup_steps,
+                      model=model, **kwargs)
+        if cfg.name == "sam":
+            return optim.SAM(groups, base, **common)
+        if cfg.name == "functional-sam":
+            return optim.FunctionalSAM(groups, base, **common)
+        return optim.AngleSAM(groups, base, phi=cfg.phi, **common)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"optim settings for {cfg.name}: {exc}") from None
+
+
+def plain_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that takes the update: the base of a SAM-family or Nexus wrapper
+    (whose state holds Adam's moments), else the optimizer itself."""
+    return getattr(optimizer, "base", optimizer)
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
@@ -112,6 +156,18 @@ def _check(config: TrainConfig) -> None:
         raise UserError("data.batch_size must be >= 1 and model.block_size >= 2")
     if config.data.weights and len(config.data.weights) != len(config.data.sources):
         raise UserError(f"data.weights has {len(config.data.weights)} numbers for {len(config.data.sources)} sources")
+    if config.optim.name == "nexus":
+        k = config.optim.inner_steps
+        if not isinstance(k, int) or k < 1 or config.data.batch_size % k:
+            raise UserError(f"optim.inner_steps ({k}) must be a whole number >= 1 that divides data.batch_size "
+                            f"({config.data.batch_size}): each inner step reads batch_size/inner_steps sequences")
+        if config.optim.source_order not in NEXUS_SOURCE_ORDERS:
+            raise UserError(f"optim.source_order must be one of {', '.join(NEXUS_SOURCE_ORDERS)}, "
+                            f"got '{config.optim.source_order}'")
+
+
+NEXUS_SOURCE_ORDERS = ("cycle", "random", "mixed")
+_NEXUS_STREAM = 0x4E5855  # random stream of the nexus source draws, apart from the sampler's
 
 
 def _distributed_setup(config: TrainConfig) -> tuple[int, int, bool]:
@@ -193,6 +249,18 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward_model = DistributedDataParallel(self.model)
+        # The SAM family and Nexus build their gradient from several passes (optimizer.passes()).
+        self.multi_pass = hasattr(self.optimizer, "passes")
+        if self.multi_pass:
+            self.optimizer.model = self.forward_model  # DDP: no gradient sync in the passes before the last
+        self.micro_sampler = None
+        if config.optim.name == "nexus":
+            micro = config.data.batch_size // config.optim.inner_steps
+            if micro % self.world:
+                raise UserError(f"nexus micro-batches (data.batch_size / optim.inner_steps = {micro}) must be "
+                                f"divisible by the number of processes ({self.world})")
+            self.micro_sampler = data_lib.BatchSampler(self.sources, batch_size=micro, block_size=block,
+                                                       weights=weights, seed=config.seed, split="train")
 
     def _to_device(self, batch):
         return tuple(t.to(self.device) for t in batch)
@@ -266,7 +334,7 @@ class Trainer:
         out["sharpness/lambda_max"] = eig.values[0]
         trace = hessian_trace(self.model, lm_loss, [batch], samples=cfg.trace_samples)
         out["sharpness/trace_per_param"] = trace.per_param
-        if isinstance(self.optimizer, torch.optim.AdamW) and self.optimizer.state:
+        if isinstance(plain_optimizer(self.optimizer), torch.optim.AdamW) and self.optimizer.state:
             pre = preconditioned_sharpness(self.model, lm_loss, [batch], self.optimizer,
                                            max_iter=cfg.lanczos_iters, tol=1e-3)
             out["sharpness/preconditioned"] = pre.value
@@ -331,15 +399,19 @@ class Trainer:
                     group["lr"] = lr
                 batch = self._shard(self.sampler.next_batch())
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = lm_loss(self.forward_model, batch)
-                global_loss = self._global_mean(loss.detach())
+                if self.multi_pass:
+                    global_loss = self._multi_pass_gradient(step, batch)
+                else:
+                    loss = lm_loss(self.forward_model, batch)
+                    global_loss = self._global_mean(loss.detach())
+                    if torch.isfinite(global_loss):
+                        loss.backward()
                 if not torch.isfinite(global_loss):
                     if cfg.on_nonfinite == "stop":
                         raise UserError(
                             f"training loss became {float(global_loss)} at step {step + 1}; lower optim.lr or "
                             "raise schedule.warmup_steps (or set on_nonfinite=skip); earlier checkpoints are intact")
                     continue
-                loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self.model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
                 if self.monitor is not None:
@@ -351,6 +423,8 @@ class Trainer:
                 row: dict[str, Any] = {"step": done, "t": done / cfg.steps, "tokens": done * self.tokens_per_step}
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     row.update({"lr": lr, "train/loss": float(global_loss), "train/grad_norm": float(grad_norm)})
+                    if self.multi_pass:
+                        row.update({f"optim/{key}": value for key, value in self.optimizer.stats.items()})
                 if self.monitor is not None and self.monitor.latest is not None:
                     row.update(self.monitor.latest)
                     row["lr"] = lr
@@ -374,6 +448,46 @@ class Trainer:
                 progress.close()
             self._finish_distributed()
         return self.out
+
+    def _nexus_micro_batch(self, step: int, k: int):
+        """Inner micro-batch ``k`` of outer step ``step``: a pure function of (seed, step, k),
+        so resume needs only the step count."""
+        index = step * self.config.optim.inner_steps + k
+        order = self.config.optim.source_order
+        if order == "mixed":
+            return self.micro_sampler.batch_at(index)
+        names = [n for n in self.micro_sampler.names if self.micro_sampler.probabilities[n] > 0]
+        if order == "cycle":
+            name = names[index % len(names)]
+        else:
+            weights = np.array([self.micro_sampler.probabilities[n] for n in names])
+            name = names[int(np.random.default_rng([self.config.seed, _NEXUS_STREAM, index]).choice(
+                len(names), p=weights / weights.sum()))]
+        return self.micro_sampler.source_batch(name, index)
+
+    def _multi_pass_gradient(self, step: int, batch) -> torch.Tensor:
+        """Run the passes of a SAM-family or Nexus step (the gradient it builds is left in
+        ``.grad``); returns the global training loss: of the clean pass for the SAM family,
+        the mean over inner micro-batches for Nexus. A non-finite loss ends the passes early
+        with θ restored."""
+        opt = self.optimizer
+        nexus = self.micro_sampler is not None
+        losses = []
+        passes = opt.passes()
+        try:
+            for k in passes:
+                if nexus:
+                    batch = self._shard(self._nexus_micro_batch(step, k))
+                logits, loss = lm_logits_and_loss(self.forward_model, batch)
+                if k == 0 or nexus:
+                    global_loss = self._global_mean(loss.detach())
+                    if not torch.isfinite(global_loss):
+                        return global_loss
+                    losses.append(global_loss)
+                opt.backward(logits, loss)
+        finally:
+            passes.close()
+        return sum(losses) / len(losses)
 
     def _finish_distributed(self) -> None:
         if self.world > 1:
