@@ -34,6 +34,7 @@ def test_resume_is_exact_and_diagnostics_are_logged(tmp_path, name):
     keys = {"optim/loss_increase", "optim/rho"} if "sam" in name else {"optim/inner_cosine", "optim/pseudo_grad_norm"}
     assert keys <= set(trained[-1])
     assert any("sharpness/critical" in r for r in rows)
+    assert all(-1 <= r["grad_cosine/arithmetic~code"] <= 1 for r in rows if "eval/loss" in r)
     # Interrupted after step 6: drop the last checkpoint and resume from the first.
     cut = tmp_path / "cut"
     shutil.copytree(whole, cut)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -51,17 +51,14 @@ def _step_count(step) -> float:
     return float(step.item()) if isinstance(step, torch.Tensor) else float(step)
 
 
-def adam_preconditioner(model: torch.nn.Module | Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, *,
-                        require_state: bool = True) -> list[torch.Tensor]:
-    """P = √v̂ + ε per trainable parameter of ``model`` (or per tensor of a parameter list),
-    from an Adam-family optimizer's state.
+def adam_preconditioner(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """P = √v̂ + ε per trainable parameter, from an Adam-family optimizer's state.
 
     A parameter Adam does not move (outside every group, or without state because it
     never had a gradient) gets P = +inf: P^{-1/2} = 0 removes it from the operator, as
-    it is absent from the optimizer's dynamics. With ``require_state=False`` an optimizer
-    that has not stepped yet gives all-inf instead of an error.
+    it is absent from the optimizer's dynamics.
     """
-    params = trainable_parameters(model) if isinstance(model, torch.nn.Module) else list(model)
+    params = trainable_parameters(model)
     group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
     out = []
     any_state = False
@@ -81,7 +78,7 @@ def adam_preconditioner(model: torch.nn.Module | Sequence[torch.Tensor], optimiz
         beta2 = group["betas"][1]
         v_hat = state[key].detach().double() / (1.0 - beta2 ** _step_count(state["step"]))
         out.append((v_hat.sqrt() + group["eps"]).to(device=p.device, dtype=p.dtype))
-    if not any_state and require_state:
+    if not any_state:
         raise ValueError(
             "the optimizer has no second-moment state yet; take at least one optimizer "
             "step before measuring preconditioned sharpness"

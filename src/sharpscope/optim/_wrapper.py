@@ -53,6 +53,13 @@ def _check_outputs(outputs: torch.Tensor, loss: torch.Tensor) -> None:
                          "optimizers; use bfloat16 autocast (no scaler needed) or float32")
 
 
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """‖(t_1, …, t_n)‖₂ as a 0-d tensor on the first tensor's device (no host sync)."""
+    norms = torch._foreach_norm(tensors)
+    device = tensors[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+
 class PassOptimizer(torch.optim.Optimizer):
     """Base of the SAM family and Nexus; see the module docstring for the protocol.
 
@@ -82,7 +89,7 @@ class PassOptimizer(torch.optim.Optimizer):
         self.grad_clip = float(grad_clip)
         self.steps = 0  # completed steps (the ρ warm-up and γ schedule read it)
         self.last_loss: torch.Tensor | None = None  # loss of the first pass of the last step
-        self.stats: dict[str, float] = {}  # diagnostics of the last step, for logging
+        self._stats: dict[str, Any] = {}  # diagnostics of the last step (tensors until read)
         self._origin: list[torch.Tensor] | None = None
         self._phase: int | None = None
         self._ready = False
@@ -206,7 +213,7 @@ class PassOptimizer(torch.optim.Optimizer):
         if self.grad_clip > 0:
             grads = [p for p in self._params() if p.grad is not None]
             if grads:
-                self.stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(grads, self.grad_clip))
+                self._stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(grads, self.grad_clip)
 
     def step(self, closure: Closure | None = None):
         """With a closure: all passes, then the base update; returns the first pass's loss.
@@ -225,6 +232,11 @@ class PassOptimizer(torch.optim.Optimizer):
         self.base.step()
         self.steps += 1
         return self.last_loss if closure is not None else None
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Diagnostics of the last step as floats (read lazily: no device sync in the step)."""
+        return {key: float(value) for key, value in self._stats.items()}
 
     # -- torch.optim.Optimizer surface
 

@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from ._wrapper import PassOptimizer
+from ._wrapper import PassOptimizer, global_norm
 
 __all__ = ["Nexus", "PSEUDO_GRAD_SCALINGS"]
 
@@ -99,25 +99,21 @@ class Nexus(PassOptimizer):
 
     @torch.no_grad()
     def _inner_update(self, k: int) -> None:
-        params = self._params()
+        used = [(i, p) for i, p in enumerate(self._params()) if p.grad is not None]
+        if not used:
+            raise RuntimeError("no parameter received a gradient in this inner step")
+        params = [p for _, p in used]
         grads = [p.grad for p in params]
-        grad_sq = sum(float(torch.sum(g.double() ** 2)) for g in grads if g is not None)
-        grad_norm = math.sqrt(grad_sq)
+        grad_norm = global_norm(grads)
         self._grad_norms.append(grad_norm)
         if k > 0:
-            # θ − θ'_{k} = γ Σ_{j<k} ĝ_j: the cosine needs no stored gradients.
-            dot = moved_sq = 0.0
-            for g, o, p in zip(grads, self._origin, params):
-                moved = (o - p).double()
-                moved_sq += float(torch.sum(moved * moved))
-                if g is not None:
-                    dot += float(torch.sum(g.double() * moved))
-            if grad_norm > 0 and moved_sq > 0:
-                self._cosines.append(dot / (grad_norm * math.sqrt(moved_sq)))
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if g is not None:
-                p.sub_(g, alpha=self._gamma / (grad_norm + self.eps))
-                self._touched.add(i)
+            # θ − θ'_k = γ Σ_{j<k} ĝ_j: the cosine needs no stored gradients, one tensor at a time.
+            moved = [self._origin[i] - p for i, p in used]
+            dot = sum(torch.vdot(g.reshape(-1), m.reshape(-1)).to(grad_norm.device) for g, m in zip(grads, moved))
+            self._cosines.append(dot / (grad_norm * global_norm(moved)))
+            del moved
+        torch._foreach_add_(params, torch._foreach_mul(grads, -self._gamma / (grad_norm + self.eps)))
+        self._touched.update(i for i, _ in used)
         self._moved = True
 
     def _backward(self, k: int, outputs: torch.Tensor, loss: torch.Tensor) -> None:
@@ -128,15 +124,16 @@ class Nexus(PassOptimizer):
     @torch.no_grad()
     def _before_base_step(self) -> None:
         scale = {"mean": self._gamma * self.inner_steps, "sum": self._gamma, "displacement": 1.0}[self.pseudo_grad]
-        norm_sq = 0.0
+        pseudo = []
         for i, (o, p) in enumerate(zip(self._origin, self._params())):
             if i in self._touched:  # a parameter no inner step reached keeps grad None, as in AdamW
                 p.grad = (o - p).div_(scale)
-                norm_sq += float(torch.sum(p.grad.double() ** 2))
-        self.stats = {
-            "inner_cosine": sum(self._cosines) / len(self._cosines) if self._cosines else math.nan,
-            "inner_grad_norm": sum(self._grad_norms) / len(self._grad_norms),
-            "pseudo_grad_norm": math.sqrt(norm_sq),
+                pseudo.append(p.grad)
+        cosines = [c for c in self._cosines]
+        self._stats = {
+            "inner_cosine": torch.stack(cosines).mean() if cosines else math.nan,
+            "inner_grad_norm": torch.stack(self._grad_norms).mean(),
+            "pseudo_grad_norm": global_norm(pseudo),
             "inner_lr": self._gamma,
         }
 

@@ -37,8 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..curvature.preconditioned import adam_preconditioner
-from ._wrapper import PassOptimizer
+from ._wrapper import PassOptimizer, global_norm
 
 __all__ = ["SAM", "FunctionalSAM", "AngleSAM"]
 
@@ -70,29 +69,48 @@ class _SharpnessAware(PassOptimizer):
             return 1.0
         return min(1.0, (self.steps + 1) / self.rho_warmup_steps)
 
-    def _perturbation_direction(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
-        """u per parameter (M⁻¹g or g) and whether the preconditioner was used."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if self.precondition:
-            scales = adam_preconditioner(params, self.base, require_state=False)
-            if not all(math.isinf(float(s.min())) for s in scales if s.numel()):
-                return [g / s for g, s in zip(grads, scales)], True  # P = inf (no state) gives 0
-        return grads, False
+    def _adam_denominators(self, params: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
+        """M = √(v/(1 − β2^t)) + ε per parameter, as the base Adam computes its denominator
+        (``max_exp_avg_sq`` with amsgrad); None for a parameter without state, and None
+        overall before the base optimizer's first step."""
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        out, any_state = [], False
+        for p in params:
+            group, state = group_of[p], self.base.state.get(p, {})
+            key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+            if key not in state or "step" not in state:
+                out.append(None)
+                continue
+            step = state["step"]
+            step = float(step.item()) if isinstance(step, torch.Tensor) else float(step)
+            if step < 1:
+                out.append(None)
+                continue
+            any_state = True
+            out.append(state[key].div(1.0 - group["betas"][1] ** step).sqrt_().add_(group["eps"]))
+        return out if any_state else None
 
     @torch.no_grad()
     def _perturb(self) -> None:
         params = self._params()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        direction, preconditioned = self._perturbation_direction(params)
-        norm = math.sqrt(sum(float(torch.sum(u.double() * u.double())) for u in direction))
-        grad_norm = math.sqrt(sum(float(torch.sum(g.double() * g.double())) for g in grads))
-        factor = self.rho_factor()
-        rho_of = {p: group["rho"] for group in self.param_groups for p in group["params"]}
-        for p, u in zip(params, direction):
-            p.add_(u, alpha=factor * rho_of[p] / (norm + self.eps))
+        grad_norm = global_norm(grads)
+        direction = grads
+        denominators = self._adam_denominators(params) if self.precondition else None
+        if denominators is not None:
+            # A parameter Adam has no state for yet does not move: M⁻¹ is taken as 0 there.
+            direction = [g / m if m is not None else torch.zeros_like(g) for g, m in zip(grads, denominators)]
+        scale = self.rho_factor() / (global_norm(direction) + self.eps)
+        start = 0
+        for group in self.param_groups:  # self._params() lists the groups' parameters in this order
+            count = sum(1 for p in group["params"] if p.requires_grad)
+            if count:
+                torch._foreach_add_(params[start:start + count],
+                                    torch._foreach_mul(direction[start:start + count], scale * group["rho"]))
+            start += count
         self._moved = True
-        self.stats = {"grad_norm_clean": grad_norm, "rho": factor * self.param_groups[0]["rho"],
-                      "preconditioned": float(preconditioned)}
+        self._stats = {"grad_norm_clean": grad_norm, "rho": self.rho_factor() * self.param_groups[0]["rho"],
+                       "preconditioned": float(denominators is not None)}
 
     def _clean_pass(self, outputs: torch.Tensor, loss: torch.Tensor, keep_logit_grad: bool) -> None:
         if keep_logit_grad:
@@ -103,8 +121,8 @@ class _SharpnessAware(PassOptimizer):
         self._zero_grads()
 
     def _record_perturbed_loss(self, loss: torch.Tensor) -> None:
-        self.stats["loss_perturbed"] = float(loss.detach())
-        self.stats["loss_increase"] = self.stats["loss_perturbed"] - float(self.last_loss)
+        self._stats["loss_perturbed"] = loss.detach()
+        self._stats["loss_increase"] = loss.detach() - self.last_loss
 
     def _before_base_step(self) -> None:
         self._logit_grad = None
@@ -166,6 +184,8 @@ class AngleSAM(_SharpnessAware):
                     loss, outputs, retain_graph=self._cos != 0.0)[0].detach()
             if self._cos != 0.0:
                 outputs.backward(self._logit_grad * self._cos)  # cos φ · J(θ + e)ᵀ ∇_z L(θ)
+            if self.num_passes == 3:
+                self._restore_origin()  # the logit path's backward is taken at θ
         else:
             # Back at θ: sin φ · J(θ)ᵀ∇_zL(θ + e) + (1 − sin φ − cos φ) · g, one backward.
             seed = self._perturbed_logit_grad * self._sin

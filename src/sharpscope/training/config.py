@@ -135,6 +135,9 @@ class EvalConfig:
     """Validation batches per source."""
     arithmetic_problems: int = 50
     """Problems for exact-match accuracy (when 'arithmetic' is a source; 0 = off)."""
+    gradient_agreement: bool = True
+    """With two or more sources: cosine similarity of the per-source gradients on the
+    validation batches (``grad_cosine/a~b``, ``grad_cosine/mean``), one backward per batch."""
 
 
 @dataclass

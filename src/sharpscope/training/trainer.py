@@ -31,6 +31,7 @@ from ..runs import METRICS_FILE, RunWriter
 from ..schedules import SCHEDULES, lr_multiplier
 from ..sizes import size_label
 from ..curvature import SharpnessMonitor, hessian_eigenvalues, hessian_trace, preconditioned_sharpness
+from ..curvature.agreement import gradient_agreement
 from . import data as data_lib
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ModelConfig, OptimConfig, TrainConfig
@@ -305,6 +306,10 @@ class Trainer:
                     out[f"eval/{name}/bpb"] = data_lib.bits_per_byte(loss, tokens_per_byte)
                 losses.append(loss)
             out["eval/loss"] = sum(losses) / len(losses)
+            if len(self.val) > 1 and self.config.eval.gradient_agreement:
+                # Cross-source agreement at θ (any optimizer): what Nexus is built to raise.
+                agreement = gradient_agreement(self.model, lm_loss, self.val, distributed=False)
+                out.update(agreement.as_metrics())
             if "arithmetic" in self.sources and self.config.eval.arithmetic_problems > 0:
                 out["eval/arithmetic/accuracy"] = self.arithmetic_accuracy()
         finally:

@@ -1,0 +1,123 @@
+"""Claims: a step of SAM costs ≤ 2.1× an AdamW step on the same model and batch;
+Functional-SAM ≤ 1.05× SAM; preconditioning adds ≤ 5%; Nexus with K inner steps costs
+≤ 1.1× K-step gradient accumulation (the same K micro-batches); the extra memory of the
+two-pass optimizers is at most about one copy of the parameters.
+
+A byte-level GPT (4 layers, width 128, batch 16×64) on the standard library's source;
+each optimizer runs in its own process (median step time over REPEATS steps after a
+warm-up; peak resident memory of the process, whose growth over the AdamW process is the
+optimizer's extra memory on CPU, or torch.cuda.max_memory_allocated on CUDA).
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPEATS = 15
+BATCH, INNER = 16, 4
+METHODS = ("adamw", "sam", "functional-sam", "precond-sam", "precond-functional-sam", "angle-sam",
+           "accumulation", "nexus")
+
+
+def _setup():
+    sys.path.insert(0, HERE)
+    from _small_gpt import BLOCK, batch_at, stdlib_corpus
+
+    from sharpscope.training.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, block_size=BLOCK, n_layer=4, n_head=4, d_model=128))
+    tokens = stdlib_corpus(400_000)
+    gen = torch.Generator().manual_seed(3)
+    return model, tokens, gen, batch_at
+
+
+def _make_step(method, model, tokens, gen, batch_at):
+    from sharpscope import optim
+    from sharpscope.training.trainer import lm_logits_and_loss, lm_loss
+
+    kwargs = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    if method in ("adamw", "accumulation"):
+        opt = torch.optim.AdamW(model.parameters(), **kwargs)
+    elif method == "nexus":
+        opt = optim.Nexus(model.parameters(), torch.optim.AdamW, inner_steps=INNER, inner_lr=0.01, model=model,
+                          **kwargs)
+    else:
+        cls = {"sam": optim.SAM, "precond-sam": optim.SAM, "functional-sam": optim.FunctionalSAM,
+               "precond-functional-sam": optim.FunctionalSAM, "angle-sam": optim.AngleSAM}[method]
+        opt = cls(model.parameters(), torch.optim.AdamW, rho=0.05, precondition=method.startswith("precond"),
+                  model=model, **kwargs)
+
+    def step():
+        if method == "adamw":
+            batch = batch_at(tokens, gen, BATCH)
+            opt.zero_grad(set_to_none=True)
+            lm_loss(model, batch).backward()
+            opt.step()
+        elif method == "accumulation":
+            opt.zero_grad(set_to_none=True)
+            for _ in range(INNER):
+                (lm_loss(model, batch_at(tokens, gen, BATCH // INNER)) / INNER).backward()
+            opt.step()
+        elif method == "nexus":
+            opt.step(lambda: lm_logits_and_loss(model, batch_at(tokens, gen, BATCH // INNER)))
+        else:
+            batch = batch_at(tokens, gen, BATCH)
+            opt.step(lambda: lm_logits_and_loss(model, batch))
+
+    return step
+
+
+def worker(method: str) -> dict:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model, tokens, gen, batch_at = _setup()
+    step = _make_step(method, model, tokens, gen, batch_at)
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    param_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    return {"seconds": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "param_mb": param_mb, "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2])))
+        return
+    results = {}
+    for method in METHODS:
+        proc = subprocess.run([sys.executable, __file__, "--worker", method], capture_output=True, text=True, check=True)
+        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = results["adamw"]
+    print(f"GPT 4 layers, width 128, {base['n_params']:,} parameters ({base['param_mb']:.1f} MB), batch {BATCH}x64; "
+          f"median of {REPEATS} steps, each optimizer in its own process")
+    for method in METHODS:
+        r = results[method]
+        print(f"{method:24s} {r['seconds'] * 1e3:7.1f} ms/step   x{r['seconds'] / base['seconds']:.2f} AdamW   "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} MB vs AdamW)")
+    t = {m: results[m]["seconds"] for m in METHODS}
+    print(f"SAM / AdamW = {t['sam'] / t['adamw']:.2f} (claim ≤ 2.1)")
+    print(f"Functional-SAM / SAM = {t['functional-sam'] / t['sam']:.3f} (claim ≤ 1.05)")
+    print(f"preconditioning: Precond-SAM / SAM = {t['precond-sam'] / t['sam']:.3f}, "
+          f"Precond-Functional-SAM / Functional-SAM = {t['precond-functional-sam'] / t['functional-sam']:.3f} "
+          "(claim ≤ 1.05)")
+    print(f"Angle-SAM (3 passes) / SAM = {t['angle-sam'] / t['sam']:.2f}")
+    print(f"Nexus K={INNER} / {INNER}-step accumulation = {t['nexus'] / t['accumulation']:.3f} (claim ≤ 1.1)")
+    extra = max(results[m]["peak_rss_mb"] for m in METHODS) - base["peak_rss_mb"]
+    print(f"largest extra peak memory over AdamW = {extra:.0f} MB; one copy of the parameters = "
+          f"{base['param_mb']:.1f} MB (RSS is page-granular and includes allocator slack)")
+
+
+if __name__ == "__main__":
+    main()
