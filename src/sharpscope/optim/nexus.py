@@ -4,7 +4,7 @@ One outer step, from θ (``inner_steps`` = K, ``inner_lr`` = γ):
 
     θ'_0 = θ
     for m = 1..K:  g_m = ∇L_{s_m}(θ'_{m−1}) on micro-batch m (from source s_m),
-                   θ'_m = θ'_{m−1} − γ · g_m / (‖g_m‖ + eps)          (global norm)
+                   θ'_m = θ'_{m−1} − γ · g_m / (‖g_m‖ + norm_eps)     (global norm)
     Δ = (θ − θ'_K) / (γK)                                              (pseudo_grad="mean")
     the base optimizer steps with Δ in place of the gradient; θ' is discarded.
 
@@ -47,7 +47,7 @@ PSEUDO_GRAD_SCALINGS = ("mean", "sum", "displacement")
 
 class Nexus(PassOptimizer):
     """``Nexus(params, base_optimizer=torch.optim.AdamW, inner_steps=4, inner_lr=0.01,
-    pseudo_grad="mean", inner_lr_follows_schedule=False, eps=1e-12, grad_clip=0.0,
+    pseudo_grad="mean", inner_lr_follows_schedule=False, norm_eps=1e-12, grad_clip=0.0,
     model=None, **base_kwargs)``; see the module docstring."""
 
     repeat_passes = False  # each inner step sees a new micro-batch and fresh dropout masks
@@ -55,7 +55,7 @@ class Nexus(PassOptimizer):
 
     def __init__(self, params, base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
                  inner_steps: int = 4, inner_lr: float = 0.01, *, pseudo_grad: str = "mean",
-                 inner_lr_follows_schedule: bool = False, eps: float = 1e-12, grad_clip: float = 0.0,
+                 inner_lr_follows_schedule: bool = False, norm_eps: float = 1e-12, grad_clip: float = 0.0,
                  model: torch.nn.Module | None = None, **base_kwargs):
         if not (isinstance(inner_steps, int) and inner_steps >= 1):
             raise ValueError(f"inner_steps must be a whole number >= 1, got {inner_steps}")
@@ -68,7 +68,7 @@ class Nexus(PassOptimizer):
         self.inner_lr = float(inner_lr)
         self.pseudo_grad = pseudo_grad
         self.inner_lr_follows_schedule = bool(inner_lr_follows_schedule)
-        self.eps = float(eps)
+        self.norm_eps = float(norm_eps)
         self.peak_lr = self._group_lr()
         self.inner_step = 0
         self._gamma = self.inner_lr
@@ -112,7 +112,7 @@ class Nexus(PassOptimizer):
             dot = sum(torch.vdot(g.reshape(-1), m.reshape(-1)).to(grad_norm.device) for g, m in zip(grads, moved))
             self._cosines.append(dot / (grad_norm * global_norm(moved)))
             del moved
-        torch._foreach_add_(params, torch._foreach_mul(grads, -self._gamma / (grad_norm + self.eps)))
+        torch._foreach_add_(params, torch._foreach_mul(grads, -self._gamma / (grad_norm + self.norm_eps)))
         self._touched.update(i for i, _ in used)
         self._moved = True
 

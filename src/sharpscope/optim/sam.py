@@ -2,9 +2,9 @@
 
 All three start the same way. At θ, with g = ∇L(θ), the ascent direction is
 
-    ε* = g / (‖g‖ + eps)                        (global norm over all parameters)
+    ε* = g / (‖g‖ + norm_eps)                   (global norm over all parameters)
     e  = ρ · ε*                                 (plain)
-    e  = ρ · M⁻¹g / (‖M⁻¹g‖ + eps)              (precondition=True)
+    e  = ρ · M⁻¹g / (‖M⁻¹g‖ + norm_eps)         (precondition=True)
 
 with M = diag(√v̂ + ε_adam) from the base optimizer's bias-corrected second moment (the
 denominator Adam itself divides by). Normalisation used for the preconditioned
@@ -20,8 +20,9 @@ The gradient handed to the base optimizer, with z the outputs (logits) and J = �
     Functional-SAM  g_F   = J(θ + e)ᵀ · ∇_z L(θ)            (clean logit gradient, perturbed Jacobian)
     Angle-SAM       g_φ   = g + sin φ·[J(θ)ᵀ∇_z L(θ + e) − g] + cos φ·[J(θ + e)ᵀ∇_z L(θ) − g]
 
-φ = 0 is Functional-SAM; φ = π/2 keeps only the logit path; φ = π/4 agrees with SAM to
-first order in ρ. Costs (forward+backward passes per step): SAM and Functional-SAM 2;
+φ = 0 is Functional-SAM; φ = π/2 keeps only the logit path; φ = π/4 gives g + (A + B)/√2
+(A, B the two bracketed corrections), SAM's first-order correction at 1/√2 of its length,
+i.e. SAM at radius ρ/√2 to first order (SAM itself is g + A + B + O(ρ²)). Costs (forward+backward passes per step): SAM and Functional-SAM 2;
 Angle-SAM 3 when sin φ ≠ 0, because the logit path needs the clean Jacobian again after
 the perturbed pass (one backward at θ carries it: J(θ)ᵀ[sin φ·∇_zL(θ+e) + (1 − sin φ −
 cos φ)·∇_zL(θ)], using g = J(θ)ᵀ∇_zL(θ)). No per-parameter Jacobian is ever formed: every
@@ -48,7 +49,7 @@ class _SharpnessAware(PassOptimizer):
     """Perturbation shared by the SAM family; subclasses say what pass 1 (and 2) compute."""
 
     def __init__(self, params, base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
-                 rho: float = 0.05, *, precondition: bool = False, rho_warmup_steps: int = 0, eps: float = 1e-12,
+                 rho: float = 0.05, *, precondition: bool = False, rho_warmup_steps: int = 0, norm_eps: float = 1e-12,
                  grad_clip: float = 0.0, model: torch.nn.Module | None = None, **base_kwargs):
         if not (rho >= 0 and math.isfinite(rho)):
             raise ValueError(f"rho must be a finite number >= 0, got {rho}")
@@ -60,7 +61,7 @@ class _SharpnessAware(PassOptimizer):
                              "(use torch.optim.Adam or AdamW as the base optimizer)")
         self.precondition = bool(precondition)
         self.rho_warmup_steps = int(rho_warmup_steps)
-        self.eps = float(eps)
+        self.norm_eps = float(norm_eps)
         self._logit_grad: torch.Tensor | None = None
 
     def rho_factor(self) -> float:
@@ -100,7 +101,7 @@ class _SharpnessAware(PassOptimizer):
         if denominators is not None:
             # A parameter Adam has no state for yet does not move: M⁻¹ is taken as 0 there.
             direction = [g / m if m is not None else torch.zeros_like(g) for g, m in zip(grads, denominators)]
-        scale = self.rho_factor() / (global_norm(direction) + self.eps)
+        scale = self.rho_factor() / (global_norm(direction) + self.norm_eps)
         start = 0
         for group in self.param_groups:  # self._params() lists the groups' parameters in this order
             count = sum(1 for p in group["params"] if p.requires_grad)
@@ -135,7 +136,8 @@ class SAM(_SharpnessAware):
     """Sharpness-aware minimisation: the base optimizer takes ∇L(θ + e).
 
     ``SAM(params, base_optimizer=torch.optim.AdamW, rho=0.05, precondition=False,
-    rho_warmup_steps=0, eps=1e-12, grad_clip=0.0, model=None, **base_kwargs)``; the
+    rho_warmup_steps=0, norm_eps=1e-12, grad_clip=0.0, model=None, **base_kwargs)``
+    (``eps``, ``lr``, ``betas``, ``weight_decay`` go to the base optimizer); the
     closure returns (outputs, loss) from a forward pass only. See the module docstring.
     """
 
@@ -152,7 +154,8 @@ class SAM(_SharpnessAware):
 class AngleSAM(_SharpnessAware):
     """Angle-SAM: the SAM gradient's logit path and Jacobian path mixed at angle ``phi``.
 
-    ``phi`` = 0 is Functional-SAM, π/2 the logit path alone, π/4 SAM to first order in ρ.
+    ``phi`` = 0 is Functional-SAM, π/2 the logit path alone, π/4 SAM at radius ρ/√2 to
+    first order in ρ.
     Three passes per step unless sin φ = 0. Other arguments as ``SAM``.
     """
 
