@@ -3,10 +3,12 @@ Functional-SAM ≤ 1.05× SAM; preconditioning adds ≤ 5%; Nexus with K inner s
 ≤ 1.1× K-step gradient accumulation (the same K micro-batches); the extra memory of the
 two-pass optimizers is at most about one copy of the parameters.
 
-A byte-level GPT (4 layers, width 128, batch 16×64) on the standard library's source;
-each optimizer runs in its own process (median step time over REPEATS steps after a
-warm-up; peak resident memory of the process, whose growth over the AdamW process is the
-optimizer's extra memory on CPU, or torch.cuda.max_memory_allocated on CUDA).
+A byte-level GPT (4 layers, width 128, batch 16×64) on the standard library's source.
+Step times: every optimizer on its own copy of the model in one process, their steps
+interleaved round-robin, so that a slow spell of the machine hits all of them alike
+(median over REPEATS rounds after a warm-up). Memory: each optimizer again in its own
+process; the growth of its peak resident set over the AdamW process is the optimizer's
+extra memory on CPU.
 """
 
 import json
@@ -76,19 +78,31 @@ def _make_step(method, model, tokens, gen, batch_at):
 
 
 def worker(method: str) -> dict:
+    """In a child process: a few steps of one optimizer, then the peak resident set."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, tokens, gen, batch_at = _setup()
     step = _make_step(method, model, tokens, gen, batch_at)
-    for _ in range(3):
+    for _ in range(4):
         step()
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
     param_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    return {"seconds": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "param_mb": param_mb, "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def interleaved_times() -> dict[str, float]:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    steps = {}
+    for method in METHODS:
+        model, tokens, gen, batch_at = _setup()
+        steps[method] = _make_step(method, model, tokens, gen, batch_at)
+    times = {method: [] for method in METHODS}
+    for round_ in range(REPEATS + 2):
+        for method in METHODS:
+            t0 = time.perf_counter()
+            steps[method]()
+            if round_ >= 2:  # two warm-up rounds
+                times[method].append(time.perf_counter() - t0)
+    return {method: statistics.median(ts) for method, ts in times.items()}
 
 
 def main() -> None:
@@ -99,9 +113,11 @@ def main() -> None:
     for method in METHODS:
         proc = subprocess.run([sys.executable, __file__, "--worker", method], capture_output=True, text=True, check=True)
         results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for method, seconds in interleaved_times().items():
+        results[method]["seconds"] = seconds
     base = results["adamw"]
     print(f"GPT 4 layers, width 128, {base['n_params']:,} parameters ({base['param_mb']:.1f} MB), batch {BATCH}x64; "
-          f"median of {REPEATS} steps, each optimizer in its own process")
+          f"median of {REPEATS} interleaved rounds; memory with each optimizer in its own process")
     for method in METHODS:
         r = results[method]
         print(f"{method:24s} {r['seconds'] * 1e3:7.1f} ms/step   x{r['seconds'] / base['seconds']:.2f} AdamW   "

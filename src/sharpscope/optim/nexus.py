@@ -106,13 +106,20 @@ class Nexus(PassOptimizer):
         grads = [p.grad for p in params]
         grad_norm = global_norm(grads)
         self._grad_norms.append(grad_norm)
+        unit = 1.0 / (grad_norm + self.norm_eps)  # ĝ = g·unit
         if k > 0:
-            # θ − θ'_k = γ Σ_{j<k} ĝ_j: the cosine needs no stored gradients, one tensor at a time.
-            moved = [self._origin[i] - p for i, p in used]
-            dot = sum(torch.vdot(g.reshape(-1), m.reshape(-1)).to(grad_norm.device) for g, m in zip(grads, moved))
-            self._cosines.append(dot / (grad_norm * global_norm(moved)))
-            del moved
-        torch._foreach_add_(params, torch._foreach_mul(grads, -self._gamma / (grad_norm + self.norm_eps)))
+            # cos(g_k, S) with S = Σ_{j<k} ĝ_j = (θ − θ'_k)/γ: the dot reads θ and θ' one tensor
+            # at a time; ‖S‖² is carried along (‖S + ĝ‖² = ‖S‖² + 2⟨S, ĝ⟩ + ‖ĝ‖²), so no
+            # gradient is stored and no full-size temporary is made.
+            dot_gS = sum(torch.vdot(g.reshape(-1), (self._origin[i] - p).reshape(-1)).to(grad_norm.device)
+                         for (i, p), g in zip(used, grads)) / self._gamma
+            self._cosines.append(dot_gS / (grad_norm * self._sum_sq.sqrt()))
+            self._sum_sq = self._sum_sq + 2 * dot_gS * unit + (grad_norm * unit) ** 2
+        else:
+            self._sum_sq = (grad_norm * unit) ** 2
+        # The gradients are spent after this step: scale them in place into the update.
+        torch._foreach_mul_(grads, -self._gamma * unit)
+        torch._foreach_add_(params, grads)
         self._touched.update(i for i, _ in used)
         self._moved = True
 
