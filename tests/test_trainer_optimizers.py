@@ -87,3 +87,13 @@ def test_bad_optimizer_settings_are_one_line_exit_2(tmp_path, capsys, args, expe
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_nonfinite_perturbed_loss_stops_or_is_skipped(tmp_path, capsys):
+    # ρ = 1e30 puts the perturbed point where the loss overflows: the step must not be taken.
+    args = ["--steps", "3", "--monitor-every", "0", *TINY, "--optimizer", "sam", "--rho", "1e30"]
+    assert run_cli("--out", str(tmp_path / "stop"), *args) == 2
+    assert "training loss became" in capsys.readouterr().err
+    assert run_cli("--out", str(tmp_path / "skip"), *args, "on_nonfinite=skip") == 0
+    weights = final_weights(tmp_path / "skip")
+    assert all(torch.isfinite(w).all() for w in weights.values())

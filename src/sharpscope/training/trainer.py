@@ -411,26 +411,30 @@ class Trainer:
                     global_loss = self._global_mean(loss.detach())
                     if torch.isfinite(global_loss):
                         loss.backward()
-                if not torch.isfinite(global_loss):
-                    if cfg.on_nonfinite == "stop":
-                        raise UserError(
-                            f"training loss became {float(global_loss)} at step {step + 1}; lower optim.lr or "
-                            "raise schedule.warmup_steps (or set on_nonfinite=skip); earlier checkpoints are intact")
-                    continue
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-                if self.monitor is not None:
-                    with self.monitor.around_step(step):
-                        self.optimizer.step()
+                skipped = not torch.isfinite(global_loss)
+                if skipped and cfg.on_nonfinite == "stop":
+                    raise UserError(
+                        f"training loss became {float(global_loss)} at step {step + 1}; lower optim.lr or "
+                        "raise schedule.warmup_steps (or set on_nonfinite=skip); earlier checkpoints are intact")
+                if skipped:  # no update; evaluation, checkpoints and progress go on as scheduled
+                    self.optimizer.zero_grad(set_to_none=True)
                 else:
-                    self.optimizer.step()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        self.model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+                    if self.monitor is not None:
+                        with self.monitor.around_step(step):
+                            self.optimizer.step()
+                    else:
+                        self.optimizer.step()
                 done = step + 1
                 row: dict[str, Any] = {"step": done, "t": done / cfg.steps, "tokens": done * self.tokens_per_step}
-                if done % cfg.log_every == 0 or done == cfg.steps:
+                if skipped:
+                    row["train/skipped"] = 1
+                elif done % cfg.log_every == 0 or done == cfg.steps:
                     row.update({"lr": lr, "train/loss": float(global_loss), "train/grad_norm": float(grad_norm)})
                     if self.multi_pass:
                         row.update({f"optim/{key}": value for key, value in self.optimizer.stats.items()})
-                if self.monitor is not None and self.monitor.latest is not None:
+                if not skipped and self.monitor is not None and self.monitor.latest is not None:
                     row.update(self.monitor.latest)
                     row["lr"] = lr
                     row["sharpness/two_over_lr"] = 2.0 / lr
@@ -484,10 +488,10 @@ class Trainer:
                 if nexus:
                     batch = self._shard(self._nexus_micro_batch(step, k))
                 logits, loss = lm_logits_and_loss(self.forward_model, batch)
+                global_loss = self._global_mean(loss.detach())
+                if not torch.isfinite(global_loss):  # at the perturbed point too: its gradient is the update
+                    return global_loss
                 if k == 0 or nexus:
-                    global_loss = self._global_mean(loss.detach())
-                    if not torch.isfinite(global_loss):
-                        return global_loss
                     losses.append(global_loss)
                 opt.backward(logits, loss)
         finally:
