@@ -19,18 +19,16 @@ same code path on ``[shard0, shard1]``. Tests then compare:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from datetime import timedelta
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from multiprocess import assert_cs_matches as _assert_cs_matches, assert_vectors_close, close, spawn_ranks, write_rank_result
 from sharpscope.curvature import (
     SharpnessMonitor,
     critical_sharpness,
@@ -231,26 +229,14 @@ def _worker(rank: int, world: int, workdir: str) -> None:
         )
         out["final_params"] = params_flat(inner)
 
-        with open(Path(workdir) / f"rank{rank}.json.tmp", "w") as f:
-            json.dump(out, f)
-        os.replace(Path(workdir) / f"rank{rank}.json.tmp", Path(workdir) / f"rank{rank}.json")
+        write_rank_result(workdir, rank, out)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    workdir = tmp_path_factory.mktemp("ddp")
-    with pytest.MonkeyPatch.context() as mpatch:
-        mpatch.setenv("OMP_NUM_THREADS", "1")
-        mp.spawn(_worker, args=(WORLD, str(workdir)), nprocs=WORLD, join=True)
-    results = []
-    for r in range(WORLD):
-        with open(workdir / f"rank{r}.json") as f:
-            results.append(json.load(f))
-    return results
+def ranks() -> list[dict]:
+    return spawn_ranks(_worker, WORLD)
 
 
 @pytest.fixture(scope="module")
@@ -275,29 +261,8 @@ def reference() -> dict:
 # --------------------------------------------------------------------------- comparisons
 
 
-def close(a: float, b: float, rtol: float) -> bool:
-    if isinstance(a, float) and math.isnan(a):
-        return isinstance(b, float) and math.isnan(b)
-    return math.isclose(a, b, rel_tol=rtol, abs_tol=0.0)
-
-
-def assert_vectors_close(got, want, rtol):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape
-    scale = np.abs(want).max()
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
-
-
 def assert_cs_matches(got: dict, want: dict, rtol: float = RTOL) -> None:
-    assert got["status"] == want["status"]
-    assert got["evals"] == want["evals"]
-    assert len(got["probes"]) == len(want["probes"])
-    for key in ("sharpness", "eta", "loss0", "slope"):
-        assert close(got[key], want[key], rtol), (key, got[key], want[key])
-    for (eta_g, loss_g), (eta_w, loss_w) in zip(got["probes"], want["probes"]):
-        assert close(eta_g, eta_w, rtol) and close(loss_g, loss_w, rtol)
-    for g, w in zip(got["bracket"], want["bracket"]):
-        assert close(g, w, rtol)
+    _assert_cs_matches(got, want, rtol)
 
 
 # --------------------------------------------------------------------------- tests: ranks agree

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import math
 import os
-import tempfile
-import time
 import warnings
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call
 
+from multiprocess import spawn_ranks, write_rank_result
 from sharpscope.optim import SAM, AngleSAM, FunctionalSAM, Nexus
 
 DT = torch.float64
@@ -928,9 +925,7 @@ def _ddp_worker(rank: int, world: int, workdir: str) -> None:
             before = flat_params(ddp.module)
             opt.step(make_closure(ddp, x, y, mse_loss))
             out[name] = (before - flat_params(ddp.module)).tolist()
-        with open(Path(workdir) / f"rank{rank}.json.tmp", "w") as f:
-            json.dump(out, f)
-        os.replace(Path(workdir) / f"rank{rank}.json.tmp", Path(workdir) / f"rank{rank}.json")
+        write_rank_result(workdir, rank, out)
     finally:
         dist.destroy_process_group()
 
@@ -939,30 +934,8 @@ def _ddp_worker(rank: int, world: int, workdir: str) -> None:
 def ddp_results():
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available")
-    import torch.multiprocessing as mp
-
-    # A directory of our own (not under pytest's basetemp, which a concurrent pytest run may
-    # prune), and a deadline: a stuck rendezvous fails the test instead of hanging it.
-    with tempfile.TemporaryDirectory(prefix="sharpscope_optim_ddp_") as tmp:
-        workdir = Path(tmp)
-        with pytest.MonkeyPatch.context() as mpatch:
-            mpatch.setenv("OMP_NUM_THREADS", "1")
-            ctx = mp.spawn(_ddp_worker, args=(WORLD, str(workdir)), nprocs=WORLD, join=False)
-            deadline = time.monotonic() + DDP_DEADLINE_S
-            try:
-                while not ctx.join(timeout=1.0):
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"the DDP workers did not finish within {DDP_DEADLINE_S} s")
-            finally:
-                for proc in ctx.processes:
-                    if proc.is_alive():
-                        proc.terminate()
-                        proc.join(5)
-        results = []
-        for r in range(WORLD):
-            with open(workdir / f"rank{r}.json") as f:
-                results.append({k: torch.tensor(v, dtype=DT) for k, v in json.load(f).items()})
-    return results
+    return [{k: torch.tensor(v, dtype=DT) for k, v in r.items()}
+            for r in spawn_ranks(_ddp_worker, WORLD, deadline_s=DDP_DEADLINE_S)]
 
 
 @pytest.mark.parametrize("name", sorted(DDP_CASES))

@@ -13,6 +13,10 @@ ranks are handled once:
   state guard.
 * Attention runs on the math kernel whenever derivatives of derivatives are taken: the
   flash and memory-efficient kernels have neither double backward nor forward-mode AD.
+* A model sharded with FSDP2 is resharded before and after each forward-only evaluation
+  (its root keeps the full parameters after a forward, and would not all-gather the next
+  probe's values), and its gradients are taken on the full parameters and cut to this
+  rank's shards (see ``_fsdp``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import _dist
+from . import _dist, _fsdp
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -69,6 +73,13 @@ class Objective:
         self.autocast = autocast
         self.seed = int(seed)
         self.group = _dist.resolve_group(distributed, process_group)
+        self.sharded = bool(_fsdp.fsdp_modules(model))
+        if self.sharded and self.group is None and _dist.world_size() > 1:
+            raise ValueError(
+                "the model is sharded with fully_shard: its forward passes are collective, so "
+                "every rank must take part in the measurement and the loss is the mean over "
+                "ranks; distributed=False is not possible"
+            )
         # Dropout seeds follow a batch's position in the global batch (rank-major), so a
         # sharded measurement sees the masks the single-process one sees on the same
         # global batch (this assumes every rank holds the same number of batches).
@@ -108,9 +119,9 @@ class Objective:
         _dist.mean_tensors_(tensors, self.group)
         return tensors
 
-    def gradient(self, params: list[torch.Tensor], *, second_order: bool = False) -> list[torch.Tensor]:
-        """∇L over all batches and ranks, by ``autograd.grad`` (``.grad`` is never touched);
-        zero for parameters the loss does not use."""
+    def local_gradient_sum(self, params: list[torch.Tensor], *, second_order: bool = False) -> list[torch.Tensor]:
+        """Σ over this rank's batches of ∇loss_i with respect to the tensors ``params`` that
+        the forward uses (for a sharded model: the full parameters)."""
         out = [torch.zeros_like(p) for p in params]
         with torch.enable_grad():
             for i in range(len(self.batches)):
@@ -118,14 +129,25 @@ class Objective:
                 for acc, g in zip(out, parts):
                     if g is not None:
                         acc.add_(g.detach())
-        return self.batch_mean_(out)
+        return out
+
+    def gradient(self, params: list[torch.Tensor], *, second_order: bool = False) -> list[torch.Tensor]:
+        """∇L over all batches and ranks, by ``autograd.grad`` (``.grad`` is never touched);
+        zero for parameters the loss does not use. ``params`` are the model's trainable
+        parameters; for a sharded model the result is sharded like them."""
+        with _fsdp.full_parameters(self.model, params) as view:
+            return view.shard(self.batch_mean_(self.local_gradient_sum(view.full, second_order=second_order)))
 
     def value(self) -> float:
         """L(θ) at the model's current parameters, forward passes only (float64 mean)."""
         self.calls += 1
         total = 0.0
+        if self.sharded:
+            _fsdp.reshard(self.model)
         with torch.no_grad():
             for i in range(len(self.batches)):
                 total += float(self.loss(i).double())
+        if self.sharded:
+            _fsdp.reshard(self.model)
         local = total / len(self.batches)
         return _dist.mean_floats([local], self.group)[0]

@@ -5,6 +5,11 @@ buffers, ``.grad`` tensors, train/eval flags of every module and the global RNG 
 are bit-identical to before, whether the call returned, raised, or met a NaN. The guard
 below takes one copy of the parameters on entry; the line search reuses that copy as its
 origin, so the guard costs no extra memory there.
+
+A model sharded with FSDP2 is guarded through its sharded parameters (each rank copies
+and restores its own shards, grads and buffers); it is resharded on entry and on exit,
+so it comes back with the sharded parameters registered and its next forward
+all-gathers the restored values (see ``_fsdp``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from . import _fsdp
 
 __all__ = ["StateGuard", "OptimizerStateGuard", "unwrap_model", "trainable_parameters"]
 
@@ -29,12 +36,29 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     inner = model
     while isinstance(inner, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         inner = inner.module
+    _refuse_flat_parameter_fsdp(inner)
     return inner
 
 
+def _refuse_flat_parameter_fsdp(model: torch.nn.Module) -> None:
+    # The FSDP1 wrapper flattens parameters into FlatParameters: directions could not be
+    # aligned with the model's parameters, and measuring would be silently wrong.
+    if _fsdp.is_flat_parameter_fsdp(model):
+        raise TypeError(
+            "models wrapped in FullyShardedDataParallel (FSDP1) are not supported; shard "
+            "them with torch.distributed.fsdp.fully_shard (FSDP2) instead"
+        )
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Parameters that require grad, in ``model.parameters()`` order (the direction's order)."""
-    return [p for p in unwrap_model(model).parameters() if p.requires_grad]
+    """Parameters that require grad, in ``model.parameters()`` order (the direction's order).
+
+    For an FSDP2 model these are the sharded DTensor parameters (the optimizer's): the
+    model is resharded first, since after a forward its root holds the full ones.
+    """
+    inner = unwrap_model(model)
+    _fsdp.reshard(inner)
+    return [p for p in inner.parameters() if p.requires_grad]
 
 
 def _rng_states() -> dict:
@@ -74,6 +98,8 @@ class StateGuard:
 
     def __enter__(self) -> "StateGuard":
         model = self.model
+        _fsdp.reshard(model)
+        self._forward_order = _fsdp.ForwardOrder(model)
         self._trainable = trainable_parameters(model)
         self._all_params = list(model.parameters())
         self._requires_grad = [p.requires_grad for p in self._all_params]
@@ -107,7 +133,12 @@ class StateGuard:
             for p, saved in zip(self._trainable, self.params):
                 p.copy_(saved)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            _fsdp.recover(self.model)
+        else:
+            _fsdp.reshard(self.model)
+        self._forward_order.restore()
         with torch.no_grad():
             self.restore_parameters()
             frozen = iter(self._frozen)

@@ -409,7 +409,10 @@ def critical_sharpness(
     ``warm_start`` is the previous result on a nearby θ: its η_c becomes η0 (unless given)
     and its slope seeds the first prediction of the fast search. The model is measured in
     eval mode by default (``mode="train"`` keeps dropout, with masks fixed across probes).
-    Under torch.distributed every rank must call this with its shard of the batch.
+    Under torch.distributed every rank must call this with its shard of the batch. For a
+    model sharded with fully_shard (FSDP2) the direction's tensors are DTensors sharded
+    like the parameters (as :class:`DirectionCapture` returns them) or whole tensors, the
+    same on every rank.
 
     Returns a :class:`CriticalSharpnessResult`; a zero or non-descent direction, or no
     increase up to ``eta_max``, are outcomes (``.status``), not errors. A non-finite loss

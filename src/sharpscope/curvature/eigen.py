@@ -48,9 +48,11 @@ class EigenResult:
 
 
 def _orthogonalise(w: list[torch.Tensor], basis: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    # Classical Gram–Schmidt, twice ("twice is enough": orthogonal to working precision
+    # like the modified variant). All coefficients of a pass come from one reduction,
+    # which matters when every inner product is a collective (sharded parameters).
     for _ in range(2):
-        for q in basis:
-            c = vec.dot(q, w)
+        for q, c in zip(basis, vec.dots_with(basis, w)):
             if c != 0.0:
                 w = vec.axpy(-c, q, w)
     return w

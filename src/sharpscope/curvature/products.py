@@ -21,16 +21,21 @@ cotangent, ∇²_z ℓ by double backward through the loss, Jᵀ· by one more b
 
 Operators are context managers: on entry they take the state guard (eval mode by
 default) and build graphs; on exit they free the graphs and restore the model exactly.
+A model sharded with fully_shard (FSDP2) is held unsharded while an operator is open:
+graphs are built on the full parameters, vectors go in and come out sharded like the
+parameters (see ``_fsdp``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from . import _fsdp
 from . import _vectors as vec
 from ._evaluate import LossFn, Objective, full_precision
 from ._state import StateGuard, trainable_parameters, unwrap_model
@@ -79,6 +84,11 @@ class _Operator:
             raise ValueError("the model has no parameters with requires_grad")
         self.matvecs = 0
         self._guard: StateGuard | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self._view: _fsdp.FullParameters | None = None
+        # The tensors autograd differentiates with respect to: the parameters, or for a
+        # sharded model their full (all-gathered) stand-ins; set while the operator is open.
+        self.graph_params: list[torch.Tensor] | None = None
 
     @property
     def dim(self) -> int:
@@ -89,12 +99,19 @@ class _Operator:
         return len(self.objective.batches)
 
     def __enter__(self):
-        self._guard = StateGuard(self.model, mode=self.mode).__enter__()
+        stack = contextlib.ExitStack()
+        self._guard = stack.enter_context(StateGuard(self.model, mode=self.mode))
+        self._stack = stack
         try:
             torch.set_grad_enabled(True)
+            # A sharded (FSDP2) model is held unsharded while the operator is open: its
+            # graphs are built on the full parameters (see _fsdp).
+            self._view = stack.enter_context(_fsdp.full_parameters(self.model, self.params))
+            self.graph_params = self._view.full
+            stack.callback(self._release)
             self._build()
-        except BaseException:
-            self._close(None, None, None)
+        except BaseException as err:
+            self._close(type(err), err, err.__traceback__)
             raise
         return self
 
@@ -102,10 +119,11 @@ class _Operator:
         self._close(*exc)
 
     def _close(self, *exc) -> None:
-        self._release()
-        guard, self._guard = self._guard, None
-        if guard is not None:
-            guard.__exit__(*exc)
+        stack, self._stack = self._stack, None
+        self._guard = self._view = None
+        self.graph_params = None
+        if stack is not None:
+            stack.__exit__(*exc)
 
     def _build(self) -> None:
         pass
@@ -119,13 +137,13 @@ class _Operator:
 
     def matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self._check_open()
-        v = vec.check_aligned(v, self.params, "vector")
-        out = vec.zeros_like(self.params)
+        v = self._view.gather(vec.check_aligned(v, self.params, "vector"))
+        out = vec.zeros_like(self.graph_params)
         with torch.enable_grad():
             for i in range(self.n_batches):
                 self._accumulate(i, v, out)
         self.matvecs += 1
-        return self.objective.batch_mean_(out)
+        return self._view.shard(self.objective.batch_mean_(out))
 
     def gradient(self) -> list[torch.Tensor]:
         """∇L at the current θ (the mean over batches and ranks)."""
@@ -187,14 +205,14 @@ class HessianOperator(_Operator):
             self._graphs = []
             for i in range(self.n_batches):
                 loss = self.objective.loss(i, second_order=True)
-                self._graphs.append(_grads(loss, self.params, create_graph=True))
+                self._graphs.append(_grads(loss, self.graph_params, create_graph=True))
 
     def _release(self) -> None:
         self._graphs = None
 
     def _accumulate(self, i: int, v, out) -> None:
         if self.method == "reuse":
-            _backward_through(self._graphs[i], self.params, v, out)
+            _backward_through(self._graphs[i], self.graph_params, v, out)
         elif self.method == "jvp":
             try:
                 hv = self._jvp_product(i, v)
@@ -211,8 +229,8 @@ class HessianOperator(_Operator):
                 acc.add_(h)
         else:
             loss = self.objective.loss(i, second_order=True)
-            grads = _grads(loss, self.params, create_graph=True)
-            _backward_through(grads, self.params, v, out)
+            grads = _grads(loss, self.graph_params, create_graph=True)
+            _backward_through(grads, self.graph_params, v, out)
 
     def _jvp_product(self, i: int, v) -> list[torch.Tensor]:
         names = ["model." + n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -221,7 +239,7 @@ class HessianOperator(_Operator):
         def loss_at(flat):
             return torch.func.functional_call(caller, dict(zip(names, flat)), (), strict=False)
 
-        primals = tuple(p.detach() for p in self.params)
+        primals = tuple(p.detach() for p in self.graph_params)
         with warnings.catch_warnings():
             # torch scripts its forward-AD decompositions on first use and warns that
             # torch.jit.script is deprecated: nothing the user can act on.
@@ -306,8 +324,8 @@ class GGNOperator(_Operator):
             # and ∇_θ ℓ with its graph (for the full H·v).
             dloss_dz = torch.autograd.grad(loss, outputs, create_graph=True)[0]
             u = torch.zeros_like(outputs, requires_grad=True)
-            jt_u = _grads(outputs, self.params, grad_outputs=u, create_graph=True)
-            grads = _grads(loss, self.params, create_graph=True)
+            jt_u = _grads(outputs, self.graph_params, grad_outputs=u, create_graph=True)
+            grads = _grads(loss, self.graph_params, create_graph=True)
             self._kept.append((outputs, dloss_dz, u, jt_u, grads))
 
     def _release(self) -> None:
@@ -325,7 +343,7 @@ class GGNOperator(_Operator):
         if jv is None:
             return
         hz_jv = torch.autograd.grad(dloss_dz, outputs, grad_outputs=jv, retain_graph=True)[0]
-        gv = _grads(outputs, self.params, grad_outputs=hz_jv.detach(), create_graph=False, retain_graph=True)
+        gv = _grads(outputs, self.graph_params, grad_outputs=hz_jv.detach(), create_graph=False, retain_graph=True)
         for acc, h in zip(out, gv):
             if h is not None:
                 acc.add_(h.detach())
@@ -333,23 +351,23 @@ class GGNOperator(_Operator):
     def gradient(self) -> list[torch.Tensor]:
         """∇L from the kept graphs (no new forward)."""
         self._check_open()
-        out = vec.zeros_like(self.params)
+        out = vec.zeros_like(self.graph_params)
         for kept in self._kept:
             for acc, g in zip(out, kept[4]):
                 if g is not None:
                     acc.add_(g.detach())
-        return self.objective.batch_mean_(out)
+        return self._view.shard(self.objective.batch_mean_(out))
 
     def hessian_matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """H·v through the same kept graphs (one backward per batch)."""
         self._check_open()
-        v = vec.check_aligned(v, self.params, "vector")
-        out = vec.zeros_like(self.params)
+        v = self._view.gather(vec.check_aligned(v, self.params, "vector"))
+        out = vec.zeros_like(self.graph_params)
         with torch.enable_grad():
             for i in range(self.n_batches):
-                _backward_through(self._kept[i][4], self.params, v, out)
+                _backward_through(self._kept[i][4], self.graph_params, v, out)
         self.hessian_matvecs += 1
-        return self.objective.batch_mean_(out)
+        return self._view.shard(self.objective.batch_mean_(out))
 
     def functional_matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """H_F·v = H·v − G·v, the functional-Hessian part."""

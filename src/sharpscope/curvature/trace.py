@@ -69,7 +69,7 @@ def hutchinson(
     for _ in range(samples):
         z = vec.random_like(like, gen, "rademacher")
         az = matvec(z)
-        parts = [float(torch.sum(a.double() * b.double())) for a, b in zip(z, az)]
+        parts = vec.dots(z, az)
         values.append(math.fsum(parts))
         blocks = [acc + p for acc, p in zip(blocks, parts)]
     est, se = _mean_and_stderr(values)
