@@ -28,7 +28,8 @@ all-reduced (the replicas must walk the same θ'), K reductions where accumulati
 
 Logged in ``stats``: ``inner_cosine`` = mean over m ≥ 2 of cos(g_m, Σ_{j<m} ĝ_j), the
 agreement of each inner gradient with the steps already taken (computed from θ − θ'_{m−1},
-no extra memory); ``inner_grad_norm`` (mean ‖g_m‖); ``pseudo_grad_norm`` (‖Δ‖); ``inner_lr``.
+no extra memory, one more read of θ and θ' per inner step; ``track_agreement=False``
+skips it, NaN then); ``inner_grad_norm`` (mean ‖g_m‖); ``pseudo_grad_norm`` (‖Δ‖); ``inner_lr``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ PSEUDO_GRAD_SCALINGS = ("mean", "sum", "displacement")
 
 class Nexus(PassOptimizer):
     """``Nexus(params, base_optimizer=torch.optim.AdamW, inner_steps=4, inner_lr=0.01,
-    pseudo_grad="mean", inner_lr_follows_schedule=False, norm_eps=1e-12, grad_clip=0.0,
+    pseudo_grad="mean", inner_lr_follows_schedule=False, track_agreement=True, norm_eps=1e-12, grad_clip=0.0,
     model=None, **base_kwargs)``; see the module docstring."""
 
     repeat_passes = False  # each inner step sees a new micro-batch and fresh dropout masks
@@ -55,7 +56,8 @@ class Nexus(PassOptimizer):
 
     def __init__(self, params, base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
                  inner_steps: int = 4, inner_lr: float = 0.01, *, pseudo_grad: str = "mean",
-                 inner_lr_follows_schedule: bool = False, norm_eps: float = 1e-12, grad_clip: float = 0.0,
+                 inner_lr_follows_schedule: bool = False, track_agreement: bool = True, norm_eps: float = 1e-12,
+                 grad_clip: float = 0.0,
                  model: torch.nn.Module | None = None, **base_kwargs):
         if not (isinstance(inner_steps, int) and inner_steps >= 1):
             raise ValueError(f"inner_steps must be a whole number >= 1, got {inner_steps}")
@@ -68,6 +70,7 @@ class Nexus(PassOptimizer):
         self.inner_lr = float(inner_lr)
         self.pseudo_grad = pseudo_grad
         self.inner_lr_follows_schedule = bool(inner_lr_follows_schedule)
+        self.track_agreement = bool(track_agreement)  # may be switched per step (e.g. on logged steps)
         self.norm_eps = float(norm_eps)
         self.peak_lr = self._group_lr()
         self.inner_step = 0
@@ -107,7 +110,7 @@ class Nexus(PassOptimizer):
         grad_norm = global_norm(grads)
         self._grad_norms.append(grad_norm)
         unit = 1.0 / (grad_norm + self.norm_eps)  # ĝ = g·unit
-        if k > 0:
+        if k > 0 and self.track_agreement:
             # cos(g_k, S) with S = Σ_{j<k} ĝ_j = (θ − θ'_k)/γ: the dot reads θ and θ' one tensor
             # at a time; ‖S‖² is carried along (‖S + ĝ‖² = ‖S‖² + 2⟨S, ĝ⟩ + ‖ĝ‖²), so no
             # gradient is stored and no full-size temporary is made.
@@ -115,7 +118,7 @@ class Nexus(PassOptimizer):
                          for (i, p), g in zip(used, grads)) / self._gamma
             self._cosines.append(dot_gS / (grad_norm * self._sum_sq.sqrt()))
             self._sum_sq = self._sum_sq + 2 * dot_gS * unit + (grad_norm * unit) ** 2
-        else:
+        elif k == 0:
             self._sum_sq = (grad_norm * unit) ** 2
         # The gradients are spent after this step: scale them in place into the update.
         torch._foreach_mul_(grads, -self._gamma * unit)

@@ -63,6 +63,7 @@ class _SharpnessAware(PassOptimizer):
         self.rho_warmup_steps = int(rho_warmup_steps)
         self.norm_eps = float(norm_eps)
         self._logit_grad: torch.Tensor | None = None
+        self.logit_grad_bytes = 0
 
     def rho_factor(self) -> float:
         """Fraction of ρ used at this step: a linear warm-up from 1/W to 1 over W steps."""
@@ -117,6 +118,7 @@ class _SharpnessAware(PassOptimizer):
         if keep_logit_grad:
             # ∂L/∂z at θ, kept (detached) for the perturbed pass; then g = ∇L(θ) as usual.
             self._logit_grad = torch.autograd.grad(loss, outputs, retain_graph=True)[0].detach()
+            self.logit_grad_bytes = self._logit_grad.numel() * self._logit_grad.element_size()  # held until the step ends
         loss.backward()
         self._perturb()
         self._zero_grads()

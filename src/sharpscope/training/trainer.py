@@ -405,6 +405,8 @@ class Trainer:
                 batch = self._shard(self.sampler.next_batch())
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.multi_pass:
+                    if self.micro_sampler is not None:  # Nexus's agreement cosine only where it is logged
+                        self.optimizer.track_agreement = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
                     global_loss = self._multi_pass_gradient(step, batch)
                 else:
                     loss = lm_loss(self.forward_model, batch)
