@@ -15,6 +15,7 @@ after one step with the single-process formula "mean over ranks of the per-rank
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import math
 import os
@@ -925,7 +926,10 @@ def _ddp_worker(rank: int, world: int, workdir: str) -> None:
             before = flat_params(ddp.module)
             opt.step(make_closure(ddp, x, y, mse_loss))
             out[name] = (before - flat_params(ddp.module)).tolist()
+            del opt, ddp  # DDP's reducer must go before its process group does, or exit aborts
+            gc.collect()
         write_rank_result(workdir, rank, out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -506,6 +506,14 @@ class Trainer:
 
             dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
             if self._own_group:
+                # DDP's reducer must be gone before its process group is: destroyed after it,
+                # the reducer's threads abort the process at exit.
+                self.forward_model = self.model
+                if self.multi_pass:
+                    self.optimizer.model = None
+                import gc
+
+                gc.collect()
                 dist.destroy_process_group()
 
 
