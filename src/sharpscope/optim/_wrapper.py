@@ -91,6 +91,7 @@ class PassOptimizer(torch.optim.Optimizer):
         self.last_loss: torch.Tensor | None = None  # loss of the first pass of the last step
         self._stats: dict[str, Any] = {}  # diagnostics of the last step (tensors until read)
         self._origin: list[torch.Tensor] | None = None
+        self._moved = False  # parameters are away from the saved θ
         self._phase: int | None = None
         self._ready = False
 
@@ -125,7 +126,7 @@ class PassOptimizer(torch.optim.Optimizer):
         self._moved = False
 
     def _restore_origin(self) -> None:
-        if getattr(self, "_moved", False):
+        if self._moved:
             with torch.no_grad():
                 for o, p in zip(self._origin, self._params()):
                     p.copy_(o)

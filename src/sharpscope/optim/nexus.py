@@ -139,9 +139,8 @@ class Nexus(PassOptimizer):
             if i in self._touched:  # a parameter no inner step reached keeps grad None, as in AdamW
                 p.grad = (o - p).div_(scale)
                 pseudo.append(p.grad)
-        cosines = [c for c in self._cosines]
         self._stats = {
-            "inner_cosine": torch.stack(cosines).mean() if cosines else math.nan,
+            "inner_cosine": torch.stack(self._cosines).mean() if self._cosines else math.nan,
             "inner_grad_norm": torch.stack(self._grad_norms).mean(),
             "pseudo_grad_norm": global_norm(pseudo),
             "inner_lr": self._gamma,

@@ -402,7 +402,11 @@ class Trainer:
                 lr = lr_at(cfg, step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                batch = self._shard(self.sampler.next_batch())
+                if self.micro_sampler is None:
+                    batch = self._shard(self.sampler.next_batch())
+                else:  # Nexus reads its own micro-batches; the position still counts the step
+                    batch = None
+                    self.sampler.position += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.multi_pass:
                     if self.micro_sampler is not None:  # Nexus's agreement cosine only where it is logged
