@@ -4,7 +4,8 @@ A run is a directory holding
 
 * ``config.json`` - the resolved settings; always ``name``, ``n_params`` (a positive
   number) and ``source`` ("simulated" or "measured"); optional grouping keys that the
-  analysis uses (``group``: "scales", "schedules", "ablations" or "extrapolation";
+  analysis uses (``group``: "scales", "schedules", "ablations", "extrapolation" or
+  "training", and optionally ``groups``, a list of further groups the run belongs to;
   ``model``, ``schedule``, ``seed``, ``ablation``);
 * ``metrics.jsonl`` - one JSON object per logged step with ``step``, ``t`` (fraction of
   training in [0, 1]), ``tokens``, ``lr`` and slash-named metrics (``train/loss``,
@@ -202,6 +203,15 @@ class Run:
     @property
     def group(self) -> str:
         return str(self.config.get("group", "scales"))
+
+    @property
+    def groups(self) -> list[str]:
+        """Every group the run belongs to: ``group`` plus any listed under ``groups`` (a
+        trained cosine run at a schedule scale serves both 'scales' and 'schedules')."""
+        extra = self.config.get("groups") or []
+        if not isinstance(extra, list):
+            extra = [extra]
+        return [self.group] + [str(g) for g in extra if str(g) != self.group]
 
     @property
     def model(self) -> str:

@@ -120,7 +120,7 @@ class StudyAnalysis:
     options: AnalysisOptions = field(default_factory=AnalysisOptions)
 
     def group(self, name: str) -> list[RunSummary]:
-        return [r for r in self.runs if r.run.group == name]
+        return [r for r in self.runs if name in r.run.groups]
 
 
 def _by_model(runs: list[RunSummary]) -> list[list[RunSummary]]:
@@ -262,7 +262,7 @@ def analyze_runs(runs: list[Run], opts: AnalysisOptions | None = None) -> StudyA
         out.tables["training"] = [_training_row(r) for r in sorted(out.group("training"), key=lambda r: r.run.n_params)]
 
     # --- early prediction ---------------------------------------------------------------
-    plain = [r for r in summaries if r.run.group in ("scales", "extrapolation")]
+    plain = [r for r in summaries if {"scales", "extrapolation"} & set(r.run.groups)]
     out.tables["early_prediction"] = [_early_prediction(plain, h) for h in opts.early_horizons]
 
     # --- summary ------------------------------------------------------------------------

@@ -164,6 +164,9 @@ class TrainConfig:
     """Run name (recorded in the run's config)."""
     group: str = "training"
     """Study group the run belongs to (the analysis groups runs by it)."""
+    groups: list[str] = field(default_factory=list)
+    """Further study groups the run also belongs to (a study's cosine run at a schedule
+    scale is both a 'scales' and a 'schedules' run)."""
     seed: int = 0
     """Seed of initialisation, data order and dropout."""
     steps: int = 200

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -286,6 +286,8 @@ class Trainer:
         return {
             "name": self.config.name, "group": self.config.group, "model": size_label(self.n_params),
             "n_params": self.n_params, "source": "measured", "seed": self.config.seed,
+            "schedule": self.config.schedule.name, "optimizer": self.config.optim.name,
+            **({"groups": [self.config.group, *self.config.groups]} if self.config.groups else {}),
             "sources": list(self.sources), "train": to_dict(self.config),
         }
 
@@ -376,7 +378,9 @@ class Trainer:
                  "monitor": self.monitor.state_dict() if self.monitor else None, "rng_ranks": rng_ranks}
         save_checkpoint(self.out, step, self.model, self.optimizer, state, keep=self.config.checkpoint.keep)
 
-    def run(self) -> Path:
+    def run(self, on_step: Callable[[int, int], None] | None = None) -> Path:
+        """Train to ``config.steps``; ``on_step(done, total)`` is called on rank 0 after each
+        step (a study's progress display)."""
         cfg = self.config
         if self.resume:
             self._restore()
@@ -453,6 +457,8 @@ class Trainer:
                     writer.log(row)
                 if done == cfg.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                     self._checkpoint(done)
+                if on_step is not None and lead:
+                    on_step(done, cfg.steps)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{float(global_loss):.3f}", lam_c=f"{last_lambda:.3g}", refresh=False)
@@ -544,6 +550,7 @@ class _Writer:
         self.sinks.close()
 
 
-def train(config: TrainConfig, out: str | Path, *, resume: bool = False) -> Path:
+def train(config: TrainConfig, out: str | Path, *, resume: bool = False,
+          on_step: Callable[[int, int], None] | None = None) -> Path:
     """Run (or resume) a training run; returns the run directory."""
-    return Trainer(config, out, resume=resume).run()
+    return Trainer(config, out, resume=resume).run(on_step)
