@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import torch
+import torch.distributed
 
 
 def write_rank_result(workdir: str | Path, rank: int, out: dict) -> None:
@@ -79,3 +81,15 @@ def assert_cs_matches(got: dict, want: dict, rtol: float) -> None:
         assert close(eta_g, eta_w, rtol) and close(loss_g, loss_w, rtol)
     for g, w in zip(got.get("bracket", ()), want.get("bracket", ())):
         assert close(g, w, rtol)
+
+
+try:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed support
+    fully_shard = DTensor = None
+
+requires_fsdp = pytest.mark.skipif(
+    fully_shard is None or not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with the gloo backend and FSDP2 (fully_shard) is not available",
+)

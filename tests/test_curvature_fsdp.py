@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from spawned_ranks import assert_cs_matches as _assert_cs_matches, assert_vectors_close, close, spawn_ranks, write_rank_result
+from spawned_ranks import (DTensor, assert_cs_matches as _assert_cs_matches, assert_vectors_close, close, fully_shard,
+                           requires_fsdp, spawn_ranks, write_rank_result)
 from sharpscope.curvature import (
     DirectionCapture,
     SharpnessMonitor,
@@ -44,16 +45,7 @@ from sharpscope.curvature import (
 )
 from sharpscope.training.model import GPT, GPTConfig
 
-try:
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch build without distributed support
-    fully_shard = DTensor = None
-
-pytestmark = pytest.mark.skipif(
-    fully_shard is None or not (dist.is_available() and dist.is_gloo_available()),
-    reason="torch.distributed with the gloo backend and FSDP2 (fully_shard) is not available",
-)
+pytestmark = requires_fsdp
 
 WORLD = 2
 VOCAB, BLOCK = 63, 16  # 63: the embedding splits unevenly over 2 ranks (32 + 31 rows)

@@ -211,6 +211,70 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- study -----------------------------------------------------------------------------
+
+def _shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard '{text}' must be I/N, e.g. 0/2 for the first of two machines") from None
+    return i, n
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training.study import StudyConfig, plan_study, run_study
+
+    overrides = list(args.overrides)
+    config_path = args.config
+    if config_path and "=" in config_path and not Path(config_path).exists():
+        overrides.insert(0, config_path)
+        config_path = None
+    cfg = load_config(StudyConfig, config_path, overrides)
+    out = Path(args.out)
+    if args.plan:
+        runs = plan_study(cfg)
+        for r in runs:
+            print(f"{r.name:28s} N={r.n_params:>10,d}  steps={r.steps:>7,d}  tokens={r.tokens:>12,d}  "
+                  f"groups={','.join(r.groups)}")
+        print(f"{len(runs)} runs, {sum(r.tokens for r in runs):,d} tokens in all")
+        return 0
+    t0 = time.perf_counter()
+    result = run_study(cfg, out, shard=_shard(args.shard), force=args.force, progress=not args.no_progress)
+    print(f"[study] {cfg.name}: {len(result.ran)} run(s) trained, {len(result.resumed)} resumed, "
+          f"{len(result.skipped)} already finished ({time.perf_counter() - t0:.1f} s) -> {out / 'runs'}")
+    if args.no_report:
+        return 0
+    from .report.study import write_study_report
+
+    report = write_study_report(out, out / "report", title=f"Measured sharpness study: {cfg.name}")
+    print(f"[study] report: {report}")
+    return 0
+
+
+# --- compare ---------------------------------------------------------------------------
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .analysis.compare import compare_summaries, verdict_counts
+    from .report.study import summary_of, write_comparison
+
+    sim, measured = summary_of(args.simulated), summary_of(args.measured)
+    rows = compare_summaries(sim, measured)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"'{out}' exists and is not a directory; choose another --out")
+    write_comparison(rows, out)
+    width = max(len(r["claim"]) for r in rows)
+    for r in rows:
+        print(f"{r['claim']:{width}s}  {r['verdict']:13s}  {r['measured']}")
+    c = verdict_counts(rows)
+    print(f"{c['holds']} hold, {c['does not hold']} do not hold, {c['inconclusive']} inconclusive -> "
+          f"{out / 'comparison.md'}")
+    return 0
+
+
 # --- demo ------------------------------------------------------------------------------
 
 def _demo_training_config():
@@ -314,6 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of the measured batches")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(func=cmd_measure)
+
+    st = sub.add_parser("study", help="train the grid of the measured study (sizes × schedules × seeds) and report")
+    st.add_argument("config", nargs="?", help="TOML study config (see configs/study.toml); defaults apply without one")
+    st.add_argument("--out", required=True, help="study directory (runs/, study.json, report/)")
+    st.add_argument("--shard", help="I/N: run only every N-th run from the I-th (several machines, one --out)")
+    st.add_argument("--force", action="store_true", help="replace runs whose settings changed")
+    st.add_argument("--plan", action="store_true", help="print the grid (sizes, steps, tokens) and exit")
+    st.add_argument("--no-report", action="store_true", help="train only; analyse later with sharpscope analyze")
+    st.add_argument("--no-progress", action="store_true", help="no progress line")
+    st.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. seeds=[0] train.optim.lr=1e-3")
+    st.set_defaults(func=cmd_study)
+
+    c = sub.add_parser("compare", help="the simulated study's claims against a measured study, claim by claim")
+    c.add_argument("simulated", help="simulated report directory (summary.json) or directory of simulated runs")
+    c.add_argument("measured", help="measured report directory (summary.json) or directory of measured runs")
+    c.add_argument("--out", required=True, help="directory for comparison.md / .csv / .json")
+    c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="run the built-in demo end to end")
     d.add_argument("--out", default="demo-output", help="output directory (replaced)")

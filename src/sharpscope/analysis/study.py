@@ -28,6 +28,9 @@ GRAD_NORM = "train/grad_norm"
 MEASURES = {"critical": "sharpness/critical", "lambda_max": "sharpness/lambda_max",
             "trace_per_param": "sharpness/trace_per_param"}
 ACC_PREFIX = "eval/acc/"
+VAL_LOSS = "eval/loss"
+STABILITY_FROM = 0.1
+"""Where a run is read against the 2/lr line: after warmup and the first rise (t ≥ 0.1)."""
 DEFAULT_EXTRAPOLATION = (13e9, 30e9, 70e9)
 
 
@@ -62,6 +65,13 @@ class RunSummary:
     measure_finals: dict[str, float]
     measure_r: dict[str, float]
     early: dict[float, float]
+    final_val_loss: float = float("nan")
+    val_losses: dict[str, float] = field(default_factory=dict)
+    """Last validation loss per source (``eval/<source>/loss``)."""
+    edge_ratio: float = float("nan")
+    """Median of λ_c / (2/lr) for t ≥ 0.1: 1 is the edge of stability."""
+    frac_above_edge: float = float("nan")
+    """Fraction of measurements (t ≥ 0.1) with λ_c above 2/lr."""
 
     @property
     def mean_accuracy(self) -> float:
@@ -74,14 +84,37 @@ def _correlation(t_a: np.ndarray, a: np.ndarray, t_b: np.ndarray, b: np.ndarray)
     return pearson(a[ia], b[ib])
 
 
+def _accuracy_tasks(run: Run) -> dict[str, float]:
+    """Downstream accuracies: ``eval/acc/<task>`` and trained runs' ``eval/<task>/accuracy``."""
+    out = {}
+    for key in sorted(run.keys()):
+        if key.startswith(ACC_PREFIX):
+            out[key[len(ACC_PREFIX):]] = run.last(key)
+        elif key.startswith("eval/") and key.endswith("/accuracy") and key.count("/") == 2:
+            out[key.split("/")[1]] = run.last(key)
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def _edge_of_stability(t: np.ndarray, s: np.ndarray, t_lr: np.ndarray, lr: np.ndarray) -> tuple[float, float]:
+    """(median λ_c·lr/2, fraction above 1) over t ≥ STABILITY_FROM, on points logging both."""
+    _, i_s, i_lr = np.intersect1d(t, t_lr, return_indices=True)
+    ratio = s[i_s] * lr[i_lr] / 2.0
+    keep = (t[i_s] >= STABILITY_FROM) & np.isfinite(ratio)
+    if not keep.any():
+        return float("nan"), float("nan")
+    return float(np.median(ratio[keep])), float(np.mean(ratio[keep] > 1.0))
+
+
 def summarize_run(run: Run, opts: AnalysisOptions) -> RunSummary:
     t, s = run.series(opts.metric)  # each series is read (and validated) once
     if t.size == 0:
         raise UserError(f"run '{run.path}' logs no '{opts.metric}'; pick the sharpness metric with --metric")
     t_loss, loss = run.series(LOSS)
     t_grad, grad = run.series(GRAD_NORM)
-    accuracy = {k[len(ACC_PREFIX):]: run.last(k) for k in sorted(run.keys()) if k.startswith(ACC_PREFIX)}
-    accuracy = {k: v for k, v in accuracy.items() if math.isfinite(v)}
+    accuracy = _accuracy_tasks(run)
+    val_losses = {k.split("/")[1]: run.last(k) for k in sorted(run.keys())
+                  if k.startswith("eval/") and k.endswith("/loss") and k.count("/") == 2}
+    edge_ratio, frac_above = _edge_of_stability(t, s, *run.series("lr"))
     measure_finals, measure_r = {}, {}
     for name, key in MEASURES.items():
         t_m, values = (t, s) if key == opts.metric else run.series(key)
@@ -94,7 +127,9 @@ def summarize_run(run: Run, opts: AnalysisOptions) -> RunSummary:
         phases=detect_three_phase(t, s), phase_means=phase_means(t, s),
         r_loss=_correlation(t, s, t_loss, loss), r_grad=_correlation(t, s, t_grad, grad),
         measure_finals=measure_finals, measure_r=measure_r,
-        early={h: early_mean(t, s, h) for h in opts.early_horizons})
+        early={h: early_mean(t, s, h) for h in opts.early_horizons},
+        final_val_loss=run.last(VAL_LOSS), val_losses={k: v for k, v in val_losses.items() if math.isfinite(v)},
+        edge_ratio=edge_ratio, frac_above_edge=frac_above)
 
 
 def _mean(values) -> float:
@@ -155,6 +190,8 @@ def analyze_runs(runs: list[Run], opts: AnalysisOptions | None = None) -> StudyA
                "peak_sharpness": _mean(r.peak for r in g), "final_sharpness": _mean(r.final for r in g),
                "final_loss": _mean(r.final_loss for r in g), "mean_accuracy": _mean(r.mean_accuracy for r in g),
                "peak_to_plateau": _mean(r.peak / r.final for r in g),
+               **({"final_val_loss": _mean(r.final_val_loss for r in g)} if any(math.isfinite(r.final_val_loss) for r in g) else {}),
+               **({"edge_ratio": _mean(r.edge_ratio for r in g)} if any(math.isfinite(r.edge_ratio) for r in g) else {}),
                "three_phase": f"{sum(r.phases.preserved for r in g)}/{len(g)}"}
         if len(g) > 1:
             row["final_sharpness_std"] = _std([r.final for r in g])
@@ -292,6 +329,11 @@ def analyze_runs(runs: list[Run], opts: AnalysisOptions | None = None) -> StudyA
         "early_prediction": {f"{row['horizon']:g}": {"r2": row["r2"], "loo_r2": row["loo_r2"], "n": row["n_runs"]}
                              for row in out.tables["early_prediction"]},
     }
+    from .claims import evaluate_claims  # the claims read the tables above
+
+    claims = evaluate_claims(out)
+    out.tables["claims"] = [c.as_row() for c in claims]
+    out.summary["claims"] = {c.key: c.as_dict() for c in claims}
     return out
 
 

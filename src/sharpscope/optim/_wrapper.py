@@ -63,8 +63,8 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 class PassOptimizer(torch.optim.Optimizer):
     """Base of the SAM family and Nexus; see the module docstring for the protocol.
 
-    ``model``: the module as trained (a DDP or FSDP2 wrapper included). With it, passes
-    other than the last skip the gradient all-reduce, and (where a subclass asks for it)
+    ``model``: the module as trained (a DDP or FSDP2 wrapper included). With it, under DDP
+    passes other than the last skip the gradient all-reduce (FSDP2 reduces in every pass), and (where a subclass asks for it)
     buffers such as BatchNorm statistics are updated by the first pass only.
     ``grad_clip``: clip the global norm of the final gradient (never of an intermediate one)
     to this before the base step; 0 turns it off. Leave it 0 when the caller clips.
@@ -140,22 +140,19 @@ class PassOptimizer(torch.optim.Optimizer):
 
     @contextmanager
     def _sync(self, last: bool) -> Iterator[None]:
-        """Skip the gradient all-reduce of DDP / FSDP2 in a pass that is not the last (around its
-        forward and backward both: DDP decides in forward whether backward will reduce)."""
+        """Skip DDP's gradient all-reduce in a pass that is not the last (around its forward
+        and backward both: DDP decides in forward whether backward will reduce).
+
+        FSDP2 models reduce in every pass: without the reduce-scatter, FSDP2 keeps the
+        pass's gradient in an unsharded buffer of its own (the sharded ``.grad`` the
+        perturbation reads stays None) and adds it into the next pass's reduction. Each
+        pass then sees the global-batch gradient, as a single process does."""
         model = self.model
-        if last or self.sync_every_pass or model is None:
+        if last or self.sync_every_pass or model is None or not hasattr(model, "no_sync"):
             yield
-        elif hasattr(model, "no_sync"):
+        else:
             with model.no_sync():
                 yield
-        elif hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                model.set_requires_gradient_sync(True)
-        else:
-            yield
 
     def passes(self) -> Iterator[int]:
         """Yields the pass index k = 0 .. num_passes−1; call ``backward`` once inside each."""

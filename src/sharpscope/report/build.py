@@ -31,6 +31,15 @@ def write_report(study: str | Path, out: str | Path, *, figures: bool = True,
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a directory; choose another --out")
     analysis = analyze_runs(read_study(study), options)
+    return write_analysis_report(analysis, out, figures=figures, title=title)
+
+
+def write_analysis_report(analysis: StudyAnalysis, out: str | Path, *, figures: bool = True,
+                          title: str = "sharpscope study report", sections: list[tuple[str, str, str]] | None = None,
+                          extra_figures: dict[str, Path] | None = None) -> ReportResult:
+    """Tables, summary, figures and HTML of an analysis already made; ``sections`` are
+    (anchor, title, HTML body) blocks placed after the headline."""
+    out = Path(out)
     result = ReportResult(analysis=analysis, out=out)
     result.tables = write_tables(analysis.tables, out)
     write_summary(analysis.summary, out)
@@ -38,6 +47,6 @@ def write_report(study: str | Path, out: str | Path, *, figures: bool = True,
         from .figures import write_figures  # matplotlib only when figures are wanted
         from .html import write_html
 
-        result.figures = write_figures(analysis, out)
-        result.html = write_html(analysis, result.figures, out, title)
+        result.figures = {**write_figures(analysis, out), **(extra_figures or {})}
+        result.html = write_html(analysis, result.figures, out, title, sections=sections)
     return result

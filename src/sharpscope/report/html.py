@@ -32,7 +32,7 @@ TABLE_TITLES = {
     "phases": "Phases", "pac_bayes": "PAC-Bayes bound", "measures": "Three measures: log-linear fits",
     "measures_by_scale": "Three measures: final values", "schedules": "Schedules", "ablations": "Ablations",
     "extrapolation": "Extrapolation", "early_prediction": "Early prediction of final sharpness",
-    "training": "Measured training runs",
+    "training": "Measured training runs", "claims": "The simulated study's claims tested on these runs",
 }
 
 CSS = """
@@ -85,7 +85,19 @@ def _headline(a: StudyAnalysis) -> list[tuple[str, str]]:
     return items
 
 
-def render_html(a: StudyAnalysis, figures: dict[str, Path], title: str = "sharpscope study report") -> str:
+def figure_html(name: str, path: Path, caption: str | None = None) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    caption = caption or FIGURE_CAPTIONS.get(name, name)
+    return (f"<figure id='fig-{html.escape(name)}'><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def table_html(rows: list[dict[str, Any]]) -> str:
+    return _table(rows)
+
+
+def render_html(a: StudyAnalysis, figures: dict[str, Path], title: str = "sharpscope study report",
+                sections: list[tuple[str, str, str]] | None = None) -> str:
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p class='note'>Metric: <code>{html.escape(a.options.metric)}</code>. Final value = mean of the "
@@ -93,12 +105,14 @@ def render_html(a: StudyAnalysis, figures: dict[str, Path], title: str = "sharps
              "<h2>Headline</h2><table class='headline'><tbody>"]
     parts += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _headline(a)]
     parts.append("</tbody></table>")
+    placed = set()
+    for anchor, heading, body in sections or []:
+        parts.append(f"<h2 id='{html.escape(anchor)}'>{html.escape(heading)}</h2>{body}")
+        placed.update(name for name in figures if f"id='fig-{name}'" in body)
     parts.append("<h2>Figures</h2>")
     for name, path in figures.items():
-        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        caption = FIGURE_CAPTIONS.get(name, name)
-        parts.append(f"<figure id='fig-{name}'><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        if name not in placed:
+            parts.append(figure_html(name, path))
     parts.append("<h2>Tables</h2>")
     for name, rows in a.tables.items():
         parts.append(f"<h3 id='table-{name}'>{html.escape(TABLE_TITLES.get(name, name))}</h3>{_table(rows)}")
@@ -106,7 +120,8 @@ def render_html(a: StudyAnalysis, figures: dict[str, Path], title: str = "sharps
     return "\n".join(parts)
 
 
-def write_html(a: StudyAnalysis, figures: dict[str, Path], out: Path, title: str = "sharpscope study report") -> Path:
+def write_html(a: StudyAnalysis, figures: dict[str, Path], out: Path, title: str = "sharpscope study report",
+               sections: list[tuple[str, str, str]] | None = None) -> Path:
     path = Path(out) / "report.html"
-    atomic_write_text(path, render_html(a, figures, title))
+    atomic_write_text(path, render_html(a, figures, title, sections))
     return path

@@ -173,6 +173,11 @@ class TrainConfig:
     """Optimizer steps."""
     device: str = "cpu"
     """'cpu', 'cuda' or 'cuda:N'."""
+    parallel: str = "ddp"
+    """How the model is spread over processes under torchrun: 'ddp' (replicated on every
+    rank, gradients all-reduced) or 'fsdp' (FSDP2: ``fully_shard`` on every transformer
+    Block, then on the root model; parameters, gradients and optimizer state sharded over
+    the ranks). Single-process runs ignore it."""
     on_nonfinite: str = "stop"
     """Non-finite training loss: 'stop' with a clear message, or 'skip' the step."""
     log_every: int = 1

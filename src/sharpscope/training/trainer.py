@@ -12,6 +12,13 @@ One iteration (``step`` counts optimizer updates done, 0-based inside the loop):
 Resume loads the latest complete checkpoint (weights, optimizer, RNG, sampler position,
 monitor warm start), drops metric rows logged after it, and continues: on CPU the rest of
 the run is bit-for-bit the run that was never interrupted.
+
+Under torchrun the model is either replicated (``parallel="ddp"``) or sharded with FSDP2
+(``parallel="fsdp"``: ``fully_shard`` per Block, then the root). Every FSDP forward and
+backward is collective, so under FSDP every rank runs every evaluation in lockstep on the
+same full batches (rank 0 alone writes), and every forward without grad is followed by a
+reshard: FSDP leaves the root's parameters unsharded after one, and the next forward would
+read them instead of the shards the optimizer has updated since.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from ..sizes import size_label
 from ..curvature import SharpnessMonitor, hessian_eigenvalues, hessian_trace, preconditioned_sharpness
 from ..curvature.agreement import gradient_agreement
 from . import data as data_lib
-from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (gather_full_state, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import ModelConfig, OptimConfig, TrainConfig
 from .model import GPT, PRESETS, GPTConfig, count_parameters
 
@@ -143,7 +151,12 @@ def lr_at(config: TrainConfig, step: int) -> float:
     ))
 
 
+PARALLEL = ("ddp", "fsdp")
+
+
 def _check(config: TrainConfig) -> None:
+    if config.parallel not in PARALLEL:
+        raise UserError(f"parallel must be one of {', '.join(PARALLEL)}, got '{config.parallel}'")
     if config.steps < 1:
         raise UserError(f"steps must be at least 1, got {config.steps}")
     if config.schedule.name not in SCHEDULES:
@@ -237,6 +250,10 @@ class Trainer:
         self.val = {name: [self._to_device(b) for b in batches] for name, batches in val.items()}
         self.model = build_model(config.model, self.tokenizer.vocab_size).to(self.device)
         self.n_params = count_parameters(self.model)
+        self.fsdp = self.world > 1 and config.parallel == "fsdp"
+        if self.fsdp:  # before the optimizer: it must hold the sharded (DTensor) parameters
+            self._fully_shard()
+        self._parameters = list(self.model.parameters())  # under FSDP the shards (no forward yet)
         self.optimizer = build_optimizer(config.optim, self.model)
         self.monitor = None
         if config.monitor.every > 0:
@@ -245,15 +262,17 @@ class Trainer:
                                             rtol=config.monitor.rtol)
         self.tokens_per_step = config.data.batch_size * block
         self.start_step = 0
-        self.forward_model = self.model
-        if self.world > 1:
+        self.forward_model = self.model  # under FSDP the sharded model itself
+        if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward_model = DistributedDataParallel(self.model)
         # The SAM family and Nexus build their gradient from several passes (optimizer.passes()).
         self.multi_pass = hasattr(self.optimizer, "passes")
         if self.multi_pass:
-            self.optimizer.model = self.forward_model  # DDP: no gradient sync in the passes before the last
+            # DDP: no gradient sync in the passes before the last (FSDP2 reduces every pass;
+            # see PassOptimizer._sync)
+            self.optimizer.model = self.forward_model
         self.micro_sampler = None
         if config.optim.name == "nexus":
             micro = config.data.batch_size // config.optim.inner_steps
@@ -262,6 +281,26 @@ class Trainer:
                                 f"divisible by the number of processes ({self.world})")
             self.micro_sampler = data_lib.BatchSampler(self.sources, batch_size=micro, block_size=block,
                                                        weights=weights, seed=config.seed, split="train")
+
+    def _fully_shard(self) -> None:
+        """FSDP2: every transformer Block, then the root (the embeddings, final norm and
+        head), sharded over a one-dimensional mesh of all ranks. All ranks built the same
+        initial model (same seed); each keeps its rows of every parameter."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def _reshard(self) -> None:
+        """After forwards without grad (FSDP leaves the root unsharded): register the
+        shards again, so the next forward all-gathers their current values."""
+        if self.fsdp:
+            from ..curvature._fsdp import reshard
+
+            reshard(self.model)
 
     def _to_device(self, batch):
         return tuple(t.to(self.device) for t in batch)
@@ -282,6 +321,19 @@ class Trainer:
         dist.all_reduce(value)
         return value / self.world
 
+    def _optimizer_stats(self) -> dict[str, float]:
+        """The SAM family's and Nexus's diagnostics of the last step, averaged over ranks:
+        some are this rank's (the loss at the perturbed point is its shard's), and the mean
+        over equal shards is the global batch's; the others are equal on every rank."""
+        stats = self.optimizer.stats
+        if self.world == 1 or not stats:
+            return stats
+        import torch.distributed as dist
+
+        values = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return dict(zip(stats, (values / self.world).tolist()))
+
     def run_config(self) -> dict[str, Any]:
         return {
             "name": self.config.name, "group": self.config.group, "model": size_label(self.n_params),
@@ -295,6 +347,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Validation losses, gradient agreement and arithmetic accuracy on the full
+        validation batches. Under FSDP every rank calls it (the forwards are collective)
+        and computes the same numbers; otherwise rank 0 alone."""
         was_training = self.model.training
         self.model.eval()
         out: dict[str, float] = {}
@@ -310,12 +365,16 @@ class Trainer:
             out["eval/loss"] = sum(losses) / len(losses)
             if len(self.val) > 1 and self.config.eval.gradient_agreement:
                 # Cross-source agreement at θ (any optimizer): what Nexus is built to raise.
-                agreement = gradient_agreement(self.model, lm_loss, self.val, distributed=False)
+                # Under FSDP every rank computes it on the same batches (the mean over
+                # ranks of equal gradients is that gradient); else rank 0 alone.
+                agreement = gradient_agreement(self.model, lm_loss, self.val,
+                                               distributed="auto" if self.fsdp else False)
                 out.update(agreement.as_metrics())
             if "arithmetic" in self.sources and self.config.eval.arithmetic_problems > 0:
                 out["eval/arithmetic/accuracy"] = self.arithmetic_accuracy()
         finally:
             self.model.train(was_training)
+            self._reshard()
         return out
 
     def arithmetic_accuracy(self) -> float:
@@ -352,7 +411,7 @@ class Trainer:
 
     def _restore(self) -> None:
         latest = list_checkpoints(self.out)[-1]
-        state = load_checkpoint(latest, self.model, self.optimizer)
+        state = load_checkpoint(latest, self.model, self.optimizer, sharded=self.fsdp)
         self.start_step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         if self.monitor is not None and state.get("monitor"):
@@ -365,18 +424,23 @@ class Trainer:
 
     def _checkpoint(self, step: int) -> None:
         """Called on every rank: each rank's RNG state (its dropout stream) is gathered so
-        that resume is exact under DDP too; rank 0 writes."""
+        that resume is exact under DDP too, and under FSDP the full state dicts are
+        gathered onto rank 0; rank 0 writes."""
         rng_ranks = None
+        full_state = None
         if self.world > 1:
             import torch.distributed as dist
 
             rng_ranks = [None] * self.world
             dist.all_gather_object(rng_ranks, rng_state())
+            if self.fsdp:
+                full_state = gather_full_state(self.model, self.optimizer)
         if self.rank != 0:
             return
         state = {"tokens": step * self.tokens_per_step, "sampler": self.sampler.state_dict(),
                  "monitor": self.monitor.state_dict() if self.monitor else None, "rng_ranks": rng_ranks}
-        save_checkpoint(self.out, step, self.model, self.optimizer, state, keep=self.config.checkpoint.keep)
+        save_checkpoint(self.out, step, self.model, self.optimizer, state, keep=self.config.checkpoint.keep,
+                        full_state=full_state)
 
     def run(self, on_step: Callable[[int, int], None] | None = None) -> Path:
         """Train to ``config.steps``; ``on_step(done, total)`` is called on rank 0 after each
@@ -398,8 +462,10 @@ class Trainer:
             progress = tqdm(total=cfg.steps, initial=self.start_step, desc=cfg.name, unit="step",
                             file=sys.stderr, dynamic_ncols=True)
         try:
-            if self.start_step == 0 and lead:
-                writer.log({"step": 0, "t": 0.0, "tokens": 0, **self.evaluate()})
+            if self.start_step == 0 and (lead or self.fsdp):
+                metrics = self.evaluate()
+                if lead:
+                    writer.log({"step": 0, "t": 0.0, "tokens": 0, **metrics})
             self.model.train()
             last_lambda = math.nan
             for step in range(self.start_step, cfg.steps):
@@ -428,9 +494,15 @@ class Trainer:
                         "raise schedule.warmup_steps (or set on_nonfinite=skip); earlier checkpoints are intact")
                 if skipped:  # no update; evaluation, checkpoints and progress go on as scheduled
                     self.optimizer.zero_grad(set_to_none=True)
+                    if self.fsdp:  # a forward without its backward: FSDP's per-step state reset
+                        from ..curvature._fsdp import recover
+
+                        recover(self.model)
                 else:
+                    # The optimizer's parameters (under FSDP the DTensor shards, whose
+                    # norm clip_grad_norm_ reduces over the mesh).
                     grad_norm = torch.nn.utils.clip_grad_norm_(
-                        self.model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+                        self._parameters, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
                     if self.monitor is not None:
                         with self.monitor.around_step(step):
                             self.optimizer.step()
@@ -441,9 +513,9 @@ class Trainer:
                 if skipped:
                     row["train/skipped"] = 1
                 elif done % cfg.log_every == 0 or done == cfg.steps:
-                    row.update({"lr": lr, "train/loss": float(global_loss), "train/grad_norm": float(grad_norm)})
+                    row.update({"lr": lr, "train/loss": float(global_loss), "train/grad_norm": _to_float(grad_norm)})
                     if self.multi_pass:
-                        row.update({f"optim/{key}": value for key, value in self.optimizer.stats.items()})
+                        row.update({f"optim/{key}": value for key, value in self._optimizer_stats().items()})
                 if not skipped and self.monitor is not None and self.monitor.latest is not None:
                     row.update(self.monitor.latest)
                     row["lr"] = lr
@@ -451,7 +523,7 @@ class Trainer:
                     last_lambda = row["sharpness/critical"]
                 if cfg.monitor.exact_every and done % cfg.monitor.exact_every == 0:
                     row.update(self.exact_curvature())
-                if lead and (done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
+                if (lead or self.fsdp) and (done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
                     row.update(self.evaluate())
                 if lead and len(row) > 3:
                     writer.log(row)
@@ -521,10 +593,19 @@ class Trainer:
                 self.forward_model = self.model
                 if self.multi_pass:
                     self.optimizer.model = None
+                if self.fsdp:  # likewise the sharded model and everything holding its DTensors
+                    self.forward_model = self.model = self.optimizer = self.monitor = None
+                    self._parameters = []
                 import gc
 
                 gc.collect()
                 dist.destroy_process_group()
+
+
+def _to_float(value) -> float:
+    """A 0-d tensor as a float; a DTensor (FSDP's gradient norm) through its full value."""
+    full = getattr(value, "full_tensor", None)
+    return float(full() if full is not None else value)
 
 
 class _Writer:

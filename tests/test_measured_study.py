@@ -1,0 +1,255 @@
+"""The measured study (``sharpscope study``): grid planning, compute-matched budgets,
+resumable runs, sharding, and the report with the simulated-vs-measured comparison."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sharpscope.cli import main
+from sharpscope.config import load_config
+from sharpscope.errors import UserError
+from sharpscope.training.checkpoint import list_checkpoints
+from sharpscope.training.model import GPT, GPTConfig, count_parameters
+from sharpscope.training.study import StudyConfig, parse_shape, plan_study, run_state, run_study
+
+# A grid that trains in seconds: three one-block models, two schedules at one size.
+TINY = [
+    'sizes=["1x8","1x16","1x24"]', "seeds=[0,1]", 'schedule_sizes=["1x16"]', 'schedules=["cosine","constant"]',
+    "schedule_seeds=[0]", "budget.tokens_per_param=0.5", "budget.min_steps=12", "monitor_points=6",
+    "exact_points=2", "eval_points=2", "checkpoint_points=3", "train.model.block_size=16", "train.data.batch_size=4",
+    'train.data.sources=["arithmetic","code"]', "train.data.max_bytes=100000", "train.eval.batches=1",
+    "train.eval.arithmetic_problems=3", "train.monitor.probe_batch_size=4", "train.monitor.lanczos_iters=4",
+    "train.monitor.trace_samples=2",
+]
+
+
+def tiny_config(*extra: str) -> StudyConfig:
+    return load_config(StudyConfig, None, [*TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study")
+    run_study(tiny_config(), out, progress=False)
+    return out
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- planning --------------------------------------------------------------------------
+
+def test_budget_is_tokens_per_param():
+    cfg = load_config(StudyConfig, None, ["budget.min_steps=1"])
+    tokens_per_step = cfg.train.data.batch_size * cfg.train.model.block_size
+    for run in plan_study(cfg):
+        assert run.steps == math.ceil(cfg.budget.tokens_per_param * run.n_params / tokens_per_step)
+        assert run.tokens == run.steps * tokens_per_step
+        assert run.tokens >= cfg.budget.tokens_per_param * run.n_params
+
+
+def test_min_and_max_steps():
+    runs = plan_study(load_config(StudyConfig, None, ["budget.min_steps=500", "budget.max_steps=1000"]))
+    assert min(r.steps for r in runs) == 500 and max(r.steps for r in runs) == 1000
+
+
+def test_parameter_counts_are_the_built_models():
+    cfg = StudyConfig()
+    for run in plan_study(cfg)[:5]:
+        layers, heads, width = run.shape
+        model = GPT(GPTConfig(vocab_size=256, block_size=cfg.train.model.block_size, n_layer=layers,
+                              n_head=heads, d_model=width))
+        assert count_parameters(model) == run.n_params
+
+
+def test_default_ladder_spans_a_decade_and_a_half():
+    runs = plan_study(StudyConfig())
+    sizes = sorted({r.n_params for r in runs})
+    assert len(sizes) >= 5 and math.log10(sizes[-1] / sizes[0]) >= 1.5
+
+
+def test_grid_layout_and_order():
+    cfg = StudyConfig()
+    runs = plan_study(cfg)
+    assert len(runs) == len(cfg.sizes) * len(cfg.seeds) + len(cfg.schedule_sizes) * (len(cfg.schedules) - 1)
+    assert len({r.name for r in runs}) == len(runs)
+    # every prefix is usable: the whole ladder at the first seed comes first
+    assert [r.size for r in runs[:len(cfg.sizes)]] == cfg.sizes
+    assert all(r.seed == cfg.seeds[0] for r in runs[:len(cfg.sizes)])
+    schedules = [r for r in runs if "schedules" in r.groups]
+    assert {(r.size, r.schedule) for r in schedules} == {(s, k) for s in cfg.schedule_sizes for k in cfg.schedules}
+    for r in runs:  # cadences are fractions of the run
+        assert r.config.monitor.every == max(1, r.steps // cfg.monitor_points)
+        assert r.config.schedule.warmup_steps == round(cfg.warmup_fraction * r.steps)
+        assert r.config.group == r.groups[0] and r.config.groups == r.groups[1:]
+
+
+@pytest.mark.parametrize("size,shape", [("2x64", (2, 2, 64)), ("3x4x96", (3, 4, 96)), ("1x24", (1, 1, 24)),
+                                        ("tiny", (2, 4, 64))])
+def test_parse_shape(size, shape):
+    assert parse_shape(size) == shape
+
+
+@pytest.mark.parametrize("override,needle", [
+    ('sizes=["1x8","1x16"]', "at least 3"),
+    ('sizes=["1x8","1x16","big"]', "neither a preset"),
+    ('sizes=["1x8","1x16","1x3x16"]', "heads dividing width"),
+    ('schedules=["cosine","cyclic"]', "unknown schedule"),
+    ('schedule_sizes=["9x512"]', "not in 'sizes'"),
+    ("budget.tokens_per_param=0", "tokens_per_param"),
+    ("seeds=[]", "at least one seed"),
+])
+def test_bad_plans(override, needle):
+    with pytest.raises(UserError, match=needle):
+        plan_study(load_config(StudyConfig, None, [*TINY, override]))
+
+
+def test_cli_bad_input_one_line(capsys, tmp_path):
+    assert main(["study", "--out", str(tmp_path / "s"), 'sizes=["1x8"]']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sharpscope: error:")
+    assert not (tmp_path / "s").exists()
+    assert main(["study", "--out", str(tmp_path / "s"), "--shard", "2/2", *TINY]) == 2
+
+
+def test_cli_plan(capsys, tmp_path):
+    assert main(["study", "--out", str(tmp_path / "s"), "--plan", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "1x8-cosine-s0" in out and "1x16-constant-s0" in out and "7 runs" in out
+    assert not (tmp_path / "s").exists()
+
+
+# --- running ---------------------------------------------------------------------------
+
+def test_study_writes_every_run(tiny_study):
+    plan = json.loads((tiny_study / "study.json").read_text())
+    assert len(plan["runs"]) == 7
+    for r in plan["runs"]:
+        run = tiny_study / "runs" / r["name"]
+        config = json.loads((run / "config.json").read_text())
+        assert config["n_params"] == r["n_params"] and config["schedule"] == r["schedule"]
+        assert run_state(run, r["steps"]) == "done"
+        metrics = rows(run)
+        assert metrics[-1]["step"] == r["steps"] and metrics[-1]["tokens"] == r["tokens"]
+        assert sum("sharpness/critical" in m for m in metrics) >= 6
+        assert any("sharpness/lambda_max" in m for m in metrics)
+        assert len(list_checkpoints(run)) == 1  # only the latest is kept
+
+
+def test_rerun_skips_finished_runs(tiny_study):
+    before = {p: p.stat().st_mtime_ns for p in (tiny_study / "runs").rglob("metrics.jsonl")}
+    result = run_study(tiny_config(), tiny_study, progress=False)
+    assert not result.ran and not result.resumed and len(result.skipped) == 7
+    assert before == {p: p.stat().st_mtime_ns for p in (tiny_study / "runs").rglob("metrics.jsonl")}
+
+
+def test_unfinished_run_resumes_exactly(tiny_study, tmp_path):
+    """An interrupted run (its last checkpoint lost, log cut) is resumed from the checkpoint
+    before and ends bit-identical to the uninterrupted run."""
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_study, out)
+    run = out / "runs" / "1x24-cosine-s0"
+    want_rows = rows(run)
+    want_weights = (list_checkpoints(run)[-1] / "model.safetensors").read_bytes()
+    # re-create the mid-run state: train the same run to its second checkpoint only
+    cfg = tiny_config()
+    planned = next(r for r in plan_study(cfg) if r.name == "1x24-cosine-s0")
+    shutil.rmtree(run)
+    from dataclasses import replace
+
+    from sharpscope.training.trainer import train
+
+    every = planned.config.checkpoint.every
+    with pytest.raises(_Stop):
+        train(replace(planned.config, steps=planned.steps), run, on_step=_stop_after(2 * every))
+    assert run_state(run, planned.steps) == "partial"
+    result = run_study(cfg, out, progress=False)
+    assert result.resumed == ["1x24-cosine-s0"] and not result.ran
+    assert rows(run) == want_rows
+    assert (list_checkpoints(run)[-1] / "model.safetensors").read_bytes() == want_weights
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(step: int):
+    def hook(done: int, total: int) -> None:
+        if done == step:
+            raise _Stop
+    return hook
+
+
+def test_run_without_checkpoint_starts_over(tiny_study, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_study, out)
+    run = out / "runs" / "1x8-cosine-s1"
+    want = rows(run)
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    result = run_study(tiny_config(), out, progress=False)
+    assert result.ran == ["1x8-cosine-s1"]
+    assert rows(run) == want
+
+
+def test_changed_settings_refused_then_forced(tiny_study, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_study, out)
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["study", "--out", str(out), "--no-progress", *TINY, "train.optim.lr=1e-3"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert snapshot == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}  # nothing touched
+    # --force retrains only the runs whose settings changed: a new seed adds runs, keeps the rest
+    result = run_study(tiny_config("seeds=[0,1,2]"), out, progress=False, force=True)
+    assert sorted(result.ran) == ["1x16-cosine-s2", "1x24-cosine-s2", "1x8-cosine-s2"]
+    assert len(result.skipped) == 7
+
+
+def test_shards_cover_the_grid(tmp_path):
+    cfg = tiny_config('sizes=["1x8","1x12","1x16"]', "seeds=[0]", 'schedules=["cosine"]')
+    a = run_study(cfg, tmp_path, shard=(0, 2), progress=False)
+    b = run_study(cfg, tmp_path, shard=(1, 2), progress=False)
+    assert sorted(a.ran + b.ran) == sorted(r.name for r in plan_study(cfg))
+    assert not set(a.ran) & set(b.ran)
+
+
+# --- report ----------------------------------------------------------------------------
+
+def test_study_report_compares_with_the_simulation(tiny_study, tmp_path, capsys):
+    report = tmp_path / "report"
+    from sharpscope.report.study import write_study_report
+
+    html = write_study_report(tiny_study, report)
+    text = html.read_text()
+    assert "The simulated study&#x27;s claims on measured runs" in text or "claims on measured runs" in text
+    comparison = json.loads((report / "comparison.json").read_text())
+    keys = {row["claim"] for row in comparison}
+    for claim in ("three_phase", "loglinear_law", "loglinear_vs_power", "peak_grows", "flatter_end",
+                  "sharpness_loss", "sharpness_accuracy", "coupling_grows", "restart_spikes", "schedule_pattern",
+                  "schedule_final", "early_prediction", "measures_agree", "edge_of_stability"):
+        assert claim in keys
+    for row in comparison:
+        assert row["verdict"] in ("holds", "does not hold", "inconclusive")
+        if row["claim"] != "sharpness_source_loss":  # the simulated runs have no per-source loss
+            assert row["simulated_verdict"] in ("holds", "does not hold", "inconclusive")
+    # the measured summary carries the same claims, computed by the analysis
+    summary = json.loads((report / "summary.json").read_text())
+    assert set(summary["claims"]) == keys - {"restart_spikes"}  # this grid has no restarts run
+    # the standalone command gives the same rows from the two summaries
+    sim = tmp_path / "sim"
+    assert main(["simulate", "--out", str(sim), "--no-figures"]) == 0
+    assert main(["compare", str(sim / "report"), str(report), "--out", str(tmp_path / "cmp")]) == 0
+    again = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert [r["verdict"] for r in again] == [r["verdict"] for r in comparison]
+    assert "hold" in capsys.readouterr().out
+
+
+def test_compare_bad_input(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "nope"), str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
