@@ -253,3 +253,85 @@ def test_study_report_compares_with_the_simulation(tiny_study, tmp_path, capsys)
 def test_compare_bad_input(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nope"), str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+# --- the report as a person sees it: headless chromium ---------------------------------
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+CHECK_PAGE = """<!DOCTYPE html><html><body><iframe id="f" src="{src}" style="width:1200px;height:900px"></iframe>
+<pre id="result">pending</pre><script>
+window.addEventListener('load', function () {{
+  var lines = [];
+  try {{
+    var images = document.getElementById('f').contentDocument.images;
+    for (var i = 0; i < images.length; i++) {{
+      lines.push(JSON.stringify({{alt: images[i].alt, complete: images[i].complete,
+                                 width: images[i].naturalWidth, height: images[i].naturalHeight}}));
+    }}
+    document.getElementById('result').textContent = 'IMAGES\\n' + lines.join('\\n') + '\\nEND';
+  }} catch (e) {{ document.getElementById('result').textContent = 'ERROR ' + e; }}
+}});
+</script></body></html>"""
+
+
+def _browser_images(chromium: str, report: Path, tmp_path: Path) -> list[dict]:
+    """Every <img> of the report as the browser loaded it (complete, natural size)."""
+    import subprocess
+
+    page = tmp_path / "check.html"
+    page.write_text(CHECK_PAGE.format(src=report.resolve().as_uri()))
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                          "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "IMAGES" in dom and "END" in dom, f"the check page did not run: {dom[-500:]}"
+    body = dom[dom.index("IMAGES") + len("IMAGES"):dom.index("END")]
+    return [json.loads(line.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"'))
+            for line in body.strip().splitlines()]
+
+
+def _screenshot(chromium: str, report: Path, png: Path) -> None:
+    import subprocess
+
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,4000", f"--screenshot={png}", report.resolve().as_uri()],
+                   capture_output=True, timeout=120, check=True)
+
+
+def _is_blank(png: Path | bytes) -> bool:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png) if isinstance(png, bytes) else png).convert("L")
+    return float(np.asarray(image, dtype=float).std()) < 1.0
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("kind", ["measured", "simulated"])
+def test_report_renders_in_a_browser(kind, tiny_study, tmp_path):
+    import base64
+    import re
+
+    from sharpscope.report.study import write_study_report
+
+    if kind == "measured":
+        report = write_study_report(tiny_study, tmp_path / "report")
+    else:
+        assert main(["simulate", "--out", str(tmp_path / "sim")]) == 0
+        report = tmp_path / "sim" / "report" / "report.html"
+    html = report.read_text()
+    embedded = re.findall(r"src='data:image/png;base64,([^']+)'", html)
+    assert len(embedded) >= 6
+    for data in embedded:  # every figure has content
+        assert not _is_blank(base64.b64decode(data))
+    images = _browser_images(_chromium(), report, tmp_path)
+    assert len(images) == len(embedded)
+    broken = [i["alt"] for i in images if not i["complete"] or i["width"] == 0 or i["height"] == 0]
+    assert not broken, f"images the browser could not load: {broken}"
+    shot = tmp_path / "report.png"
+    _screenshot(_chromium(), report, shot)
+    assert shot.stat().st_size > 10_000 and not _is_blank(shot)

@@ -17,6 +17,7 @@ small ladder and the reason many measured verdicts can be inconclusive.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +66,9 @@ def pearson_test(a, b) -> tuple[float, float, int]:
     n = int(a.size)
     if n < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan"), float("nan"), n
-    r, p = stats.pearsonr(a, b)
+    with warnings.catch_warnings():  # nearly constant input: the r is still what we report
+        warnings.simplefilter("ignore")
+        r, p = stats.pearsonr(a, b)
     return float(r), float(p), n
 
 

@@ -1,0 +1,168 @@
+"""Claims and verdicts (analysis/claims.py, analysis/compare.py) on hand-built studies whose
+answer is known: a ladder whose final sharpness falls with N holds the log-linear claim, a
+rising one does not, a flat noisy one is inconclusive; the tests' statistics agree with
+scipy computed directly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from sharpscope.analysis.claims import FAILS, HOLDS, UNCLEAR, fraction_verdict, pearson_test, signed_verdict, slope_test
+from sharpscope.analysis.compare import compare_summaries
+from sharpscope.analysis.study import analyze_runs
+from sharpscope.runs import read_study, write_run
+
+SIZES = [1e4, 3e4, 1e5, 3e5, 1e6]
+T = np.linspace(0, 1, 101)
+
+
+def three_phase(peak: float, final: float, t_peak: float = 0.15, decay: float = 8.0) -> np.ndarray:
+    rise = final + (peak - final) * T / t_peak
+    fall = final + (peak - final) * np.exp(-decay * (T - t_peak))
+    return np.where(T < t_peak, rise, fall)
+
+
+def write_ladder(root, finals, peaks=None, *, lr=None, seeds=(0,), noise=0.0, source="measured", shape=None):
+    rng = np.random.default_rng(0)
+    peaks = peaks if peaks is not None else [2.5 * f for f in finals]
+    for n, final, peak in zip(SIZES, finals, peaks):
+        for seed in seeds:
+            s = (shape(peak, final) if shape else three_phase(peak, final)) * (1 + noise * rng.standard_normal(T.size))
+            rows = []
+            for i, t in enumerate(T):
+                row = {"step": i, "t": float(t), "sharpness/critical": float(s[i]),
+                       "train/loss": float(3 + 2 * np.exp(-5 * t) - 0.1 * math.log10(n)),
+                       "train/grad_norm": float(0.5 * s[i] + 0.1)}
+                if lr is not None:
+                    row["lr"] = lr
+                rows.append(row)
+            rows[-1]["eval/loss"] = float(final + 2)  # validation loss rises with final sharpness
+            write_run(root / f"{int(n)}-s{seed}", {"name": f"{int(n)}-s{seed}", "model": f"{int(n)}", "n_params": n,
+                                                   "source": source, "seed": seed, "group": "scales"}, rows)
+    return root
+
+
+def claims_of(root) -> dict:
+    return analyze_runs(read_study(root)).summary["claims"]
+
+
+def test_falling_ladder_holds(tmp_path):
+    finals = [2.0 - 0.2 * math.log10(n) for n in SIZES]
+    c = claims_of(write_ladder(tmp_path, finals, peaks=[3 + 0.3 * math.log10(n) for n in SIZES]))
+    assert c["loglinear_law"]["verdict"] == HOLDS
+    assert c["loglinear_law"]["value"] == pytest.approx(-0.2, rel=2e-2)
+    assert c["three_phase"]["verdict"] == HOLDS and c["three_phase"]["value"] == 1.0
+    assert c["peak_grows"]["verdict"] == HOLDS
+    assert c["flatter_end"]["verdict"] == HOLDS
+    assert c["sharpness_loss"]["verdict"] == HOLDS  # validation loss = final + 2
+    # the statistic is scipy's
+    x = np.log10(SIZES)
+    fit = stats.linregress(x, finals)
+    assert c["loglinear_law"]["p_value"] == pytest.approx(fit.pvalue, rel=1e-6, abs=1e-300)
+
+
+def test_rising_ladder_does_not_hold(tmp_path):
+    finals = [0.5 + 0.2 * math.log10(n) for n in SIZES]
+    c = claims_of(write_ladder(tmp_path, finals))
+    assert c["loglinear_law"]["verdict"] == FAILS
+    assert c["loglinear_law"]["value"] > 0
+
+
+def test_flat_noisy_ladder_is_inconclusive(tmp_path):
+    finals = [1.0, 1.03, 0.98, 1.02, 0.99]
+    c = claims_of(write_ladder(tmp_path, finals))
+    assert c["loglinear_law"]["verdict"] == UNCLEAR
+
+
+def test_no_three_phases(tmp_path):
+    rising = lambda peak, final: final + (peak - final) * T  # noqa: E731 - monotone rise, peak at the end
+    c = claims_of(write_ladder(tmp_path, [1.0, 0.9, 0.8, 0.7, 0.6], shape=rising))
+    assert c["three_phase"]["verdict"] == FAILS and c["three_phase"]["value"] == 0.0
+
+
+@pytest.mark.parametrize("lr,verdict", [(2.0, HOLDS), (0.2, FAILS), (5.0, FAILS)])
+def test_edge_of_stability(tmp_path, lr, verdict):
+    # plateau at 1.0: λ_c·lr/2 = lr/2 late in the run
+    c = claims_of(write_ladder(tmp_path, [1.0] * 5, peaks=[1.2] * 5, lr=lr))
+    assert c["edge_of_stability"]["verdict"] == verdict
+
+
+def test_seed_spread_enters_the_scales_table(tmp_path):
+    finals = [2.0 - 0.2 * math.log10(n) for n in SIZES]
+    a = analyze_runs(read_study(write_ladder(tmp_path, finals, seeds=(0, 1, 2), noise=0.02)))
+    assert all(row["n_runs"] == 3 and row["final_sharpness_std"] > 0 for row in a.tables["scales"])
+    assert a.summary["claims"]["loglinear_law"]["n"] == 5  # the fit is over sizes, seeds averaged
+
+
+def test_verdict_rules():
+    assert signed_verdict(-0.5, 0.01, -1) == HOLDS
+    assert signed_verdict(0.5, 0.01, -1) == FAILS
+    assert signed_verdict(-0.5, 0.2, -1) == UNCLEAR
+    assert signed_verdict(float("nan"), 0.01, -1) == UNCLEAR
+    assert fraction_verdict(2, 3) == HOLDS and fraction_verdict(1, 3) == FAILS and fraction_verdict(1, 2) == UNCLEAR
+    assert fraction_verdict(0, 0) == UNCLEAR
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=12), st.floats(0.01, 100), st.floats(-50, 50))
+def test_pearson_and_slope_tests_match_scipy(ys, scale, shift):
+    x = np.arange(len(ys), dtype=float)
+    y = np.asarray(ys)
+    r, p, n = pearson_test(x, y)
+    if np.ptp(y) == 0:
+        assert math.isnan(r)
+        return
+    want = stats.pearsonr(x, y)
+    assert r == pytest.approx(want[0], abs=1e-9) and n == len(ys)
+    # invariant to an affine change of units of y
+    r2, p2, _ = pearson_test(x, scale * y + shift)
+    assert r2 == pytest.approx(r, abs=1e-6)
+    slope, sp, r2fit, _ = slope_test(x, y)
+    assert slope == pytest.approx(stats.linregress(x, y).slope, rel=1e-9, abs=1e-9)
+
+
+def test_pearson_needs_three_finite_pairs():
+    assert math.isnan(pearson_test([1, 2, float("nan")], [1, 2, 3])[0])
+
+
+# --- compare ---------------------------------------------------------------------------
+
+def _schedule_claims(preserved: dict, ratio: dict, noise_cv=None) -> dict:
+    return {"claims": {
+        "schedule_pattern": {"claim": "c", "statistic": "s", "summary": "", "value": 0.0, "verdict": UNCLEAR,
+                             "details": {"preserved": preserved}},
+        "schedule_final": {"claim": "c", "statistic": "s", "summary": "", "value": 0.0, "verdict": UNCLEAR,
+                           "details": {"ratio": ratio, "noise_cv": noise_cv}}}}
+
+
+def test_compare_schedule_pattern_and_direction():
+    cells = {"constant@smallest": 0.0, "constant@largest": 1.0, "cosine@smallest": 1.0, "wsd@middle": 1.0,
+             "linear@largest": 1.0}
+    ratio = {"constant@smallest": 1.2, "constant@largest": 1.15, "wsd@middle": 1.06, "linear@largest": 1.01}
+    sim = _schedule_claims(cells, ratio)
+    same = {r["claim"]: r for r in compare_summaries(sim, _schedule_claims(cells, ratio, 0.01))}
+    assert same["schedule_pattern"]["verdict"] == HOLDS and same["schedule_pattern"]["measured_value"] == 1.0
+    assert same["schedule_final"]["verdict"] == HOLDS
+    flipped = {k: 1.0 - v for k, v in cells.items()}
+    opposite = {k: 2 - v for k, v in ratio.items()}
+    other = {r["claim"]: r for r in compare_summaries(sim, _schedule_claims(flipped, opposite, 0.01))}
+    assert other["schedule_pattern"]["verdict"] == FAILS
+    assert other["schedule_final"]["verdict"] == FAILS
+    # within the seed spread nothing counts
+    noisy = {r["claim"]: r for r in compare_summaries(sim, _schedule_claims(cells, opposite, 0.5))}
+    assert noisy["schedule_final"]["verdict"] == UNCLEAR
+
+
+def test_compare_lines_up_all_claims(tmp_path):
+    finals = [2.0 - 0.2 * math.log10(n) for n in SIZES]
+    a = analyze_runs(read_study(write_ladder(tmp_path / "a", finals))).summary
+    b = analyze_runs(read_study(write_ladder(tmp_path / "b", [0.5 + 0.2 * math.log10(n) for n in SIZES]))).summary
+    rows = {r["claim"]: r for r in compare_summaries(a, b)}
+    assert set(rows) == set(a["claims"]) | set(b["claims"])
+    assert rows["loglinear_law"]["simulated_verdict"] == HOLDS and rows["loglinear_law"]["verdict"] == FAILS
