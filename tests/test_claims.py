@@ -166,3 +166,14 @@ def test_compare_lines_up_all_claims(tmp_path):
     rows = {r["claim"]: r for r in compare_summaries(a, b)}
     assert set(rows) == set(a["claims"]) | set(b["claims"])
     assert rows["loglinear_law"]["simulated_verdict"] == HOLDS and rows["loglinear_law"]["verdict"] == FAILS
+
+
+def test_undecidable_runs_make_the_pattern_inconclusive(tmp_path):
+    def gappy(peak, final):
+        s = three_phase(peak, final)
+        s[::3] = np.nan  # a third of the measurements failed (e.g. not a descent direction)
+        return s
+
+    c = claims_of(write_ladder(tmp_path, [1.0, 0.9, 0.8, 0.7, 0.6], shape=gappy))
+    assert c["three_phase"]["verdict"] == UNCLEAR
+    assert c["three_phase"]["details"]["undecidable"] == 5

@@ -133,14 +133,21 @@ def evaluate_claims(a: "StudyAnalysis") -> list[Claim]:
     peaks = _model_means(models, lambda r: r.peak)
     claims: list[Claim] = []
 
-    # three phases
-    k = sum(r.phases.preserved for r in scale_runs)
+    # three phases (runs the detector cannot decide, too many non-finite points, are left out)
+    decidable = [r for r in scale_runs if r.phases.preserved or "non-finite" not in r.phases.reason]
+    k = sum(r.phases.preserved for r in decidable)
+    undecided = len(scale_runs) - len(decidable)
     reasons = sorted({r.phases.reason for r in scale_runs if r.phases.reason})
+    verdict = fraction_verdict(k, len(decidable)) if len(decidable) * 2 >= len(scale_runs) else UNCLEAR
     claims.append(Claim(
         "three_phase", "Sharpness rises, then decays, then plateaus (three phases) at every scale.",
-        "fraction of scale runs the detector accepts (holds ≥ 2/3, fails ≤ 1/3)", k / len(scale_runs),
-        fraction_verdict(k, len(scale_runs)), f"{k}/{len(scale_runs)} runs" + (f"; rejected: {'; '.join(reasons)}" if reasons else ""),
-        n=len(scale_runs), details={"per_model": {g[0].run.model: f"{sum(r.phases.preserved for r in g)}/{len(g)}" for g in models}}))
+        "fraction of the decidable scale runs the detector accepts (holds ≥ 2/3, fails ≤ 1/3; "
+        "inconclusive when fewer than half the runs are decidable)",
+        k / len(decidable) if decidable else math.nan, verdict,
+        f"{k}/{len(decidable)} decidable runs" + (f" ({undecided} undecidable)" if undecided else "")
+        + (f"; rejected: {'; '.join(reasons)}" if reasons else ""),
+        n=len(decidable), details={"per_model": {g[0].run.model: f"{sum(r.phases.preserved for r in g)}/{len(g)}"
+                                                 for g in models}, "undecidable": undecided}))
 
     # log-linear law
     slope, p, r2, n = slope_test(log_n, finals)
