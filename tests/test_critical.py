@@ -357,3 +357,6 @@ def test_result_metrics_use_the_run_format_names():
     result = critical_sharpness(model, least_squares_loss, batch, _as_direction(g))
     assert isinstance(result, CriticalSharpnessResult) and result.ok
     assert set(result.as_metrics()) == {"sharpness/critical", "sharpness/eta_c", "sharpness/evals"}
+    uphill = critical_sharpness(model, least_squares_loss, batch, _as_direction(-g))
+    assert uphill.status == "not_descent"
+    assert uphill.as_metrics()["sharpness/failed/not_descent"] == 1.0

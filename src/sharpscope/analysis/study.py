@@ -72,6 +72,10 @@ class RunSummary:
     """Median of λ_c / (2/lr) for t ≥ 0.1: 1 is the edge of stability."""
     frac_above_edge: float = float("nan")
     """Fraction of measurements (t ≥ 0.1) with λ_c above 2/lr."""
+    failed_share: float = 0.0
+    """Share of the sharpness measurements that are null (no bracket found)."""
+    failed_reasons: dict[str, int] = field(default_factory=dict)
+    """Count per ``sharpness/failed/<status>`` key."""
 
     @property
     def mean_accuracy(self) -> float:
@@ -129,7 +133,9 @@ def summarize_run(run: Run, opts: AnalysisOptions) -> RunSummary:
         measure_finals=measure_finals, measure_r=measure_r,
         early={h: early_mean(t, s, h) for h in opts.early_horizons},
         final_val_loss=run.last(VAL_LOSS), val_losses={k: v for k, v in val_losses.items() if math.isfinite(v)},
-        edge_ratio=edge_ratio, frac_above_edge=frac_above)
+        edge_ratio=edge_ratio, frac_above_edge=frac_above, failed_share=float(np.mean(~np.isfinite(s))),
+        failed_reasons={k.rsplit("/", 1)[1]: int(np.nansum(run.series(k)[1])) for k in sorted(run.keys())
+                        if k.startswith("sharpness/failed/")})
 
 
 def _mean(values) -> float:
@@ -192,6 +198,7 @@ def analyze_runs(runs: list[Run], opts: AnalysisOptions | None = None) -> StudyA
                "peak_to_plateau": _mean(r.peak / r.final for r in g),
                **({"final_val_loss": _mean(r.final_val_loss for r in g)} if any(math.isfinite(r.final_val_loss) for r in g) else {}),
                **({"edge_ratio": _mean(r.edge_ratio for r in g)} if any(math.isfinite(r.edge_ratio) for r in g) else {}),
+               **({"failed_share": _mean(r.failed_share for r in g)} if any(r.failed_share > 0 for r in g) else {}),
                "three_phase": f"{sum(r.phases.preserved for r in g)}/{len(g)}"}
         if len(g) > 1:
             row["final_sharpness_std"] = _std([r.final for r in g])

@@ -86,12 +86,17 @@ class CriticalSharpnessResult:
         return self.status == "ok"
 
     def as_metrics(self, prefix: str = "sharpness/") -> dict[str, float]:
-        """Run-format metrics: critical sharpness, critical lr and the evaluation count."""
-        return {
+        """Run-format metrics: critical sharpness, critical lr and the evaluation count; a
+        measurement without a bracket (critical sharpness null) also logs
+        ``failed/<status>`` = 1, so a study can count why measurements failed."""
+        out = {
             f"{prefix}critical": self.sharpness,
             f"{prefix}eta_c": self.eta,
             f"{prefix}evals": float(self.evals),
         }
+        if self.status != "ok":
+            out[f"{prefix}failed/{self.status}"] = 1.0
+        return out
 
 
 class _Profile:
