@@ -211,6 +211,62 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- mix -------------------------------------------------------------------------------
+
+def _alphas(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} '{text}' must be numbers separated by commas, e.g. 0,0.25,0.5,0.75,1") from None
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "inf" if value == math.inf else ("nan" if math.isnan(value) else f"{value:.4g}")
+    return str(value)
+
+
+def cmd_mix(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training.mix import MixConfig, run_mix
+
+    cfg = load_config(MixConfig, None, list(args.overrides))
+    if args.alphas is not None:
+        cfg.alphas = _alphas(args.alphas, "--alphas")
+    if args.no_validate:
+        cfg.validate = False
+    if args.validate_steps is not None:
+        cfg.validate_steps = args.validate_steps
+    t0 = time.perf_counter()
+    result = run_mix(args.checkpoint, args.pretrain, args.finetune, cfg, Path(args.out),
+                     log=print if args.verbose else None)
+    print(f"[mix] {result['checkpoint']} (step {result['step']}): pretraining {' + '.join(result['pretrain'])}, "
+          f"fine-tuning {result['finetune']}; direction of {result['direction_optimizer']} ({result['moments']} state) "
+          f"at lr {result['lr']:.4g}")
+    print(f"{'alpha':>6s} {'rows PT/FT':>10s} {'lambda_c FT':>12s} {'status':>12s} {'rel lambda_c PT':>16s} {'status':>12s}")
+    for r in result["sweep"]:
+        print(f"{r['alpha']:6.3g} {str(r['n_pretrain']) + '/' + str(r['n_finetune']):>10s} "
+              f"{_cell(r['lambda_finetune']):>12s} {r['status_finetune']:>12s} "
+              f"{_cell(r['lambda_pretrain']):>16s} {r['status_pretrain']:>12s}")
+    rec = result["recommended_alpha"]
+    print(f"crossing: {'alpha = ' + format(rec, '.3f') if rec is not None else 'none'} ({result['crossing']['note']})")
+    validation = result.get("validation")
+    if validation:
+        print(f"validation: {validation['steps']} steps at lr {validation['lr']:.3g} per alpha")
+        print(f"{'alpha':>6s} {'gain':>9s} {'retention':>10s} {'score':>9s} {'rank':>5s} {'pareto':>7s}")
+        for r in validation["rows"]:
+            print(f"{r['alpha']:6.3f} {_cell(r['gain']):>9s} {_cell(r['retention_loss']):>10s} "
+                  f"{_cell(r['score']):>9s} {_cell(r['rank']):>5s} {_cell(r['pareto']):>7s}"
+                  + ("  <- recommended" if r["recommended"] else ""))
+        print(f"criterion: score = gain - {validation['retention_weight']:g}*retention loss; {validation['statement']}")
+    print(f"[mix] done in {time.perf_counter() - t0:.1f} s -> {Path(args.out) / 'mix.json'}")
+    return 0
+
+
 # --- study -----------------------------------------------------------------------------
 
 def _shard(text: str | None) -> tuple[int, int]:
@@ -378,6 +434,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of the measured batches")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(func=cmd_measure)
+
+    mx = sub.add_parser("mix", help="data-mix advisor: the pretraining fraction where fine-tuning and "
+                                     "pretraining sharpness cross, checked by short fine-tunes")
+    mx.add_argument("checkpoint", help="a checkpoints/stepNNNNNNNN folder of a run (or the run: its latest checkpoint)")
+    mx.add_argument("--pretrain", required=True, action="append",
+                    help="pretraining source(s): code, prose, arithmetic, a file, a folder or a .bin; "
+                         "repeat or separate with commas for several (mixed in equal parts)")
+    mx.add_argument("--finetune", required=True, help="fine-tuning source (one)")
+    mx.add_argument("--out", required=True, help="directory for mix.json, mix.csv, mix_validation.csv, figures/")
+    mx.add_argument("--alphas", help="pretraining fractions to sweep, e.g. 0,0.1,0.2,...,1 (default: steps of 0.1)")
+    mx.add_argument("--no-validate", action="store_true", help="sweep only, no validation fine-tunes")
+    mx.add_argument("--validate-steps", type=int, help="steps of each validation fine-tune (default 50)")
+    mx.add_argument("--verbose", action="store_true", help="print each α as it is measured")
+    mx.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="settings of the analysis (MixConfig), e.g. batch_size=80 validate_lr=1e-4")
+    mx.set_defaults(func=cmd_mix)
 
     st = sub.add_parser("study", help="train the grid of the measured study (sizes × schedules × seeds) and report")
     st.add_argument("config", nargs="?", help="TOML study config (see configs/study.toml); defaults apply without one")

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -33,9 +32,11 @@ from typing import Any, Callable
 from ..config import from_dict, to_dict
 from ..errors import UserError
 from ..runs import CONFIG_FILE, METRICS_FILE, atomic_write_text
-from .checkpoint import list_checkpoints
+from .grid import parse_shape, run_state
 from .config import TrainConfig
+from .mix import MixStudyConfig, run_mix_study
 from .model import PRESETS, GPT, GPTConfig, count_parameters
+from .nexus_study import NexusStudyConfig, run_nexus_study
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd", "cosine_restarts")
 PLAN_FILE = "study.json"
@@ -90,6 +91,11 @@ class StudyConfig:
         data=dataclasses.replace(TrainConfig().data, sources=["code", "prose", "arithmetic"])))
     """Settings shared by every run (data, optimizer, monitor method, eval batches ...).
     The study sets name, group, seed, steps, model shape, schedule and cadences itself."""
+    mix: MixStudyConfig = field(default_factory=MixStudyConfig)
+    """The data-mix advisor on a base model of its own (off unless mix.enabled)."""
+    nexus: NexusStudyConfig = field(default_factory=NexusStudyConfig)
+    """AdamW vs Nexus at matched loss: gradient agreement and minima distance (off unless
+    nexus.enabled)."""
 
 
 @dataclass
@@ -115,27 +121,6 @@ class PlannedRun:
     def cost(self) -> float:
         """Relative compute of the run (for the progress estimate)."""
         return self.steps * (self.n_params + _STEP_OVERHEAD_PARAMS) * self.config.data.batch_size
-
-
-_SHAPE = re.compile(r"(\d+)x(\d+)(?:x(\d+))?")
-
-
-def parse_shape(size: str) -> tuple[int, int, int]:
-    """(layers, heads, width) of a preset name or a LxD / LxHxD shape."""
-    if size in PRESETS:
-        return PRESETS[size]
-    m = _SHAPE.fullmatch(size.strip().lower())
-    if not m:
-        raise UserError(f"study size '{size}' is neither a preset ({', '.join(PRESETS)}) nor a shape like 2x64 "
-                        "(layers x width) or 2x2x64 (layers x heads x width)")
-    if m.group(3) is None:
-        layers, width = int(m.group(1)), int(m.group(2))
-        heads = max(1, width // 32)
-    else:
-        layers, heads, width = (int(m.group(i)) for i in (1, 2, 3))
-    if layers < 1 or heads < 1 or width < 1 or width % heads:
-        raise UserError(f"study size '{size}': need layers, heads, width ≥ 1 with heads dividing width")
-    return layers, heads, width
 
 
 def _n_params(shape: tuple[int, int, int], train: TrainConfig, vocab_size: int) -> int:
@@ -227,14 +212,6 @@ def plan_study(cfg: StudyConfig, *, vocab_size: int = 256) -> list[PlannedRun]:
 
 
 # --- running ---------------------------------------------------------------------------
-
-def run_state(run_dir: Path, steps: int) -> str:
-    """'done', 'partial' (has a checkpoint to resume from), 'fresh' (nothing usable)."""
-    checkpoints = list_checkpoints(run_dir) if run_dir.is_dir() else []
-    if checkpoints and int(checkpoints[-1].name.removeprefix("step")) >= steps:
-        return "done"
-    return "partial" if checkpoints else "fresh"
-
 
 def _plan_record(cfg: StudyConfig, runs: list[PlannedRun]) -> dict[str, Any]:
     return {"name": cfg.name, "config": to_dict(cfg),
@@ -377,6 +354,11 @@ def run_study(cfg: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0,
                 (result.resumed if state == "partial" else result.ran).append(r.name)
         finally:
             bar.close()
+        if index == 0:  # the extra parts run once, with the first shard
+            if cfg.mix.enabled:
+                run_mix_study(cfg.mix, out, cfg.train, log=log)
+            if cfg.nexus.enabled:
+                run_nexus_study(cfg.nexus, out, cfg.train, log=log)
     finally:
         if own_group:
             import gc

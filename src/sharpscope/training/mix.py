@@ -1,0 +1,1042 @@
+"""The data-mix advisor: which fraction of pretraining data to mix into fine-tuning.
+
+A fine-tuning batch is a mixture: a fraction α of its sequences comes from the
+pretraining data, 1 − α from the fine-tuning data. At a trained checkpoint, for each α
+on a grid:
+
+* the mixed batch B_α is built from two fixed pools of sequences (one per side, drawn
+  once with a fixed seed): the first round(α·B) pretraining rows and the first
+  B − round(α·B) fine-tuning rows, so neighbouring α share their sequences;
+* d_α is the update direction the run's own optimizer takes on B_α: the gradient of the
+  mean loss on B_α, clipped as the run clips, handed to the optimizer restored from the
+  checkpoint (AdamW's moments included); the step is taken, differenced,
+  d_α = (θ_before − θ_after)/lr, and undone exactly (parameters, grads, optimizer state,
+  RNG: bit for bit);
+* λ_FT(α) = 2/η_c of the fine-tuning loss along d_α (critical sharpness, on a fixed
+  fine-tuning probe batch from the validation split): how sharp the fine-tuning objective
+  is along the step that the mixture takes;
+* λ_PT(α) = 2/η_c of the pretraining loss along d_α (relative critical sharpness λ_c^{PT→α},
+  on a fixed pretraining probe batch): how soon the step leaves the pretraining basin.
+
+At α = 0 the step is pure fine-tuning: it usually raises the pretraining loss at once
+(λ_PT large, or "not a descent direction", λ_PT = ∞) while the fine-tuning loss tolerates
+large steps. At α = 1 it is the other way round. The α where the two curves cross
+(linear interpolation of λ_FT − λ_PT between the bracketing grid points) is the
+recommendation: a step there is as stable for the pretraining objective as for the
+fine-tuning one.
+
+The advice is then checked: short fine-tunes from the checkpoint at several α (and at the
+crossing) with the run's optimizer settings and a constant small lr, measuring on the
+validation splits
+
+  retention loss(α) = L_PT(after) − L_PT(before)   (pretraining knowledge given up)
+  gain(α)           = L_FT(before) − L_FT(after)   (fine-tuning progress)
+  score(α)          = gain(α) − w · retention loss(α)   (w = ``retention_weight``)
+
+and reporting the α of highest score, the Pareto front of (retention loss, gain), and where
+the recommendation lies on both.
+
+Outcomes of a line search map onto the curves as: a bracketed η_c gives 2/η_c;
+"not_descent" (the loss rises for every step size) gives +∞; "no_increase" (no rise up to
+η_max) gives 0; a zero direction gives NaN (left out of the crossing).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .grid import parse_shape, run_state
+from ..config import from_dict, to_dict
+from ..curvature import CriticalSharpnessResult, DirectionCapture, NonFiniteLossError, critical_sharpness
+from ..curvature._evaluate import Objective
+from ..curvature._state import OptimizerStateGuard, StateGuard, trainable_parameters
+from ..errors import UserError
+from ..runs import _clean, atomic_write_bytes, atomic_write_text
+from . import data as data_lib
+from .checkpoint import list_checkpoints, load_checkpoint, read_state
+from .config import TrainConfig
+from .model import PRESETS
+from .trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
+
+__all__ = [
+    "MixConfig", "MixStreams", "MixStudyConfig", "check_mix_config", "crossing_summary", "draw_sweep_figure",
+    "draw_validation_figure", "find_crossings", "fine_tune", "mix_direction", "mix_sweep", "n_pretrain_rows",
+    "run_mix", "run_mix_study", "curve_value", "trade_off", "validate_mix", "load_for_mix", "checkpoint_lr",
+    "read_result", "write_results", "resolve_checkpoint", "mix_base_config",
+]
+
+RESULT_FILE = "mix.json"
+SWEEP_CSV = "mix.csv"
+VALIDATION_CSV = "mix_validation.csv"
+SWEEP_FIGURE = "mix_sweep"
+VALIDATION_FIGURE = "mix_validation"
+FIGURES_DIR = "figures"
+MIX_DIR = "mix"
+BASE_DIR = "base"
+METHODS = ("fast", "paper")
+MOMENTS = ("checkpoint", "fresh")
+DPI = 90
+
+
+@dataclass
+class MixConfig:
+    alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    """Pretraining fractions α of the sweep, each in [0, 1]; at least two distinct values
+    (sorted, duplicates dropped). α is realised as round(α·batch_size) pretraining rows."""
+    batch_size: int = 40
+    """Sequences in the mixed batch whose update direction is measured (and in each
+    validation fine-tuning step). A multiple of 20 keeps the default α grid and the
+    validation α (quarters) exact."""
+    probe_batch_size: int = 32
+    """Sequences in each fixed probe batch (fine-tuning and pretraining, from the
+    validation splits) on which the two critical sharpnesses are measured."""
+    probe_batches: int = 1
+    """Probe batches per side; the measured loss is their mean."""
+    seed: int = 0
+    """Seed of the pools of sequences, the probe batches, the validation batches and the
+    fine-tuning dropout."""
+    method: str = "fast"
+    """Line search of the critical sharpness: 'fast' or 'paper'."""
+    rtol: float = 0.0625
+    """Relative bracket width at which a line search stops (η_c to about ±3%)."""
+    moments: str = "checkpoint"
+    """Optimizer state the directions and the validation fine-tunes start from:
+    'checkpoint' (the run's, AdamW's moments restored: the next step of a run that goes
+    on with the new mixture) or 'fresh' (a new optimizer, as a separate fine-tuning run
+    with its own optimizer would start)."""
+    clip: bool = True
+    """Clip the mixed-batch gradient to the run's optim.grad_clip before the optimizer
+    sees it, as training does (false: the raw gradient)."""
+    validate: bool = True
+    """Check the advice with short fine-tunes from the checkpoint."""
+    validate_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """α at which to fine-tune (the crossing is added when ``validate_crossing``)."""
+    validate_crossing: bool = True
+    """Also fine-tune at the recommended (crossing) α when the curves cross."""
+    validate_steps: int = 50
+    """Optimizer steps of each validation fine-tune (step k uses the mixed batch k of the
+    same pools, so every α sees the same sequences)."""
+    validate_lr: float = 3e-4
+    """Constant learning rate of the validation fine-tunes (no warmup, no decay); the other
+    optimizer settings (betas, weight decay, clipping, moments) are the run's."""
+    eval_batches: int = 4
+    """Validation batches per source (of batch_size sequences each) for the losses before
+    and after each fine-tune."""
+    retention_weight: float = 1.0
+    """w in the validation criterion score = gain − w·retention loss: nats of fine-tuning
+    loss gained that one nat of pretraining loss given up is worth."""
+
+
+def check_mix_config(cfg: MixConfig) -> list[float]:
+    """Validate the settings; returns the sorted distinct α of the sweep."""
+    alphas = _alpha_list(cfg.alphas, "alphas")
+    if len(alphas) < 2:
+        raise UserError(f"the sweep needs at least 2 distinct α values, got {len(alphas)} ({_fmt_list(alphas)}); "
+                        "give e.g. --alphas 0,0.25,0.5,0.75,1")
+    for name in ("batch_size", "probe_batch_size", "probe_batches", "eval_batches"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"mix setting {name} must be a whole number ≥ 1, got {value!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise UserError(f"mix setting seed must be a non-negative whole number, got {cfg.seed!r}")
+    if cfg.method not in METHODS:
+        raise UserError(f"mix setting method must be 'fast' or 'paper', got '{cfg.method}'")
+    if cfg.moments not in MOMENTS:
+        raise UserError(f"mix setting moments must be 'checkpoint' or 'fresh', got '{cfg.moments}'")
+    if not (isinstance(cfg.rtol, (int, float)) and 0 < cfg.rtol < 1):
+        raise UserError(f"mix setting rtol must lie in (0, 1), got {cfg.rtol!r}")
+    if cfg.validate:
+        validate = _alpha_list(cfg.validate_alphas, "validate_alphas")
+        if not validate:
+            raise UserError("validate_alphas is empty; give the α to fine-tune at, or pass --no-validate")
+        if isinstance(cfg.validate_steps, bool) or not isinstance(cfg.validate_steps, int) or cfg.validate_steps < 1:
+            raise UserError(f"validate_steps must be a whole number ≥ 1, got {cfg.validate_steps!r}")
+        if not (math.isfinite(cfg.validate_lr) and cfg.validate_lr > 0):
+            raise UserError(f"validate_lr must be a positive number, got {cfg.validate_lr!r}")
+        if not (math.isfinite(cfg.retention_weight) and cfg.retention_weight >= 0):
+            raise UserError(f"retention_weight must be a number ≥ 0, got {cfg.retention_weight!r}")
+    return alphas
+
+
+def _fmt_list(values: Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in values) or "none"
+
+
+def _alpha_list(values: Sequence[float], what: str) -> list[float]:
+    out = []
+    for a in values:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0.0 <= a <= 1.0:
+            raise UserError(f"{what}: α = {a!r} is outside [0, 1]; α is the pretraining fraction of the batch")
+        out.append(float(a))
+    return sorted(set(out))
+
+
+def n_pretrain_rows(alpha: float, batch_size: int) -> int:
+    """Pretraining rows of a mixed batch: round(α·B), halves rounded up."""
+    return min(batch_size, max(0, int(math.floor(alpha * batch_size + 0.5))))
+
+
+# --------------------------------------------------------------------------- data
+
+
+class MixStreams:
+    """The fixed data of a mix analysis.
+
+    Batch ``k`` of each side is a pure function of (seed, k): the pretraining side is the
+    equal mixture of the pretraining sources (``BatchSampler``, seed ``seed``), the
+    fine-tuning side the fine-tuning source (seed ``seed + 1``), both from the training
+    splits. The mixed batch of α at index k stacks the first round(α·B) pretraining rows
+    and the first B − round(α·B) fine-tuning rows of batch k. Probe batches come from the
+    validation splits (seeds ``seed + 2`` and ``seed + 3``); the validation-loss batches
+    are :func:`~sharpscope.training.data.validation_batches` with ``seed``.
+    """
+
+    def __init__(self, pretrain: Mapping[str, data_lib.TokenSource], finetune: data_lib.TokenSource, *,
+                 batch_size: int, block_size: int, probe_batch_size: int = 32, probe_batches: int = 1,
+                 eval_batches: int = 4, seed: int = 0):
+        if finetune.name in pretrain:
+            raise UserError(f"the fine-tuning source '{finetune.name}' is also a pretraining source; "
+                            "give two different sources (rename one with name:spec)")
+        self.pretrain_sources = dict(pretrain)
+        self.finetune_source = finetune
+        self.batch_size = batch_size
+        self.block_size = block_size
+        ft = {finetune.name: finetune}
+        self._pretrain = data_lib.BatchSampler(pretrain, batch_size=batch_size, block_size=block_size,
+                                               seed=seed, split="train")
+        self._finetune = data_lib.BatchSampler(ft, batch_size=batch_size, block_size=block_size,
+                                               seed=seed + 1, split="train")
+        pt_probe = data_lib.BatchSampler(pretrain, batch_size=probe_batch_size, block_size=block_size,
+                                         seed=seed + 2, split="val")
+        ft_probe = data_lib.BatchSampler(ft, batch_size=probe_batch_size, block_size=block_size,
+                                         seed=seed + 3, split="val")
+        self.pretrain_probe = [pt_probe.batch_at(k) for k in range(probe_batches)]
+        self.finetune_probe = [ft_probe.batch_at(k) for k in range(probe_batches)]
+        val = data_lib.validation_batches({**pretrain, **ft}, batch_size=batch_size, block_size=block_size,
+                                          n_batches=eval_batches, seed=seed)
+        self.pretrain_val = {name: val[name] for name in pretrain}
+        self.finetune_val = val[finetune.name]
+
+    @property
+    def finetune_name(self) -> str:
+        return self.finetune_source.name
+
+    def mixed_batch(self, alpha: float, k: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        """(the mixed batch (x_BxT, y_BxT) of α at index k, its number of pretraining rows)."""
+        n = n_pretrain_rows(alpha, self.batch_size)
+        pt_x, pt_y = self._pretrain.batch_at(k)
+        ft_x, ft_y = self._finetune.batch_at(k)
+        m = self.batch_size - n
+        x_BxT = torch.cat([pt_x[:n], ft_x[:m]])
+        y_BxT = torch.cat([pt_y[:n], ft_y[:m]])
+        return (x_BxT, y_BxT), n
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def mix_direction(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any, *, lr: float,
+                  grad_clip: float = 0.0, loss_fn: Callable = lm_loss) -> list[torch.Tensor]:
+    """The direction d of the optimizer's next step on ``batch`` (a step is θ − lr·d).
+
+    The gradient of the mean loss (eval mode) is clipped to ``grad_clip`` (0 = no
+    clipping) by ``clip_grad_norm_`` as the trainer does, put into ``.grad``, and
+    ``optimizer.step()`` is taken with every group's lr set to ``lr``, differenced by
+    :class:`DirectionCapture` and undone: parameters, buffers, ``.grad``, modes, RNG and
+    the optimizer's state and groups are exactly as before.
+    """
+    params = trainable_parameters(model)
+    objective = Objective(model, loss_fn, batch, distributed=False)
+    with StateGuard(model, mode="eval"):
+        grads = objective.gradient(params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        with OptimizerStateGuard(optimizer):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with DirectionCapture(params, optimizer=optimizer) as capture:
+                optimizer.step()
+    return capture.direction
+
+
+def curve_value(sharpness: float | None, status: str) -> float:
+    """The value a line-search outcome takes on a curve: 2/η_c when bracketed, +∞ when the
+    loss rises for every step ("not_descent"), 0 when it never rises ("no_increase"), NaN
+    otherwise (a zero direction)."""
+    if sharpness is not None and math.isfinite(sharpness):
+        return float(sharpness)
+    if status == "not_descent":
+        return math.inf
+    if status == "no_increase":
+        return 0.0
+    return math.nan
+
+
+def _search(model, probe, direction, *, lr, method, rtol, warm: CriticalSharpnessResult | None,
+            loss_fn, what: str) -> CriticalSharpnessResult:
+    eta0 = warm.eta if warm is not None and math.isfinite(warm.eta) and warm.eta > 0 else lr
+    try:
+        return critical_sharpness(model, loss_fn, probe, direction, method=method, rtol=rtol, eta0=eta0,
+                                  warm_start=warm, distributed=False)
+    except NonFiniteLossError:
+        raise UserError(f"the checkpoint's loss on the {what} probe batch is not finite; "
+                        "the model cannot be measured there") from None
+
+
+def mix_sweep(model: torch.nn.Module, optimizer: torch.optim.Optimizer, streams: MixStreams,
+              alphas: Sequence[float], *, lr: float, grad_clip: float = 0.0, method: str = "fast",
+              rtol: float = 1 / 16, loss_fn: Callable = lm_loss,
+              log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """One row per α (ascending): the two critical sharpnesses along d_α.
+
+    ``optimizer`` takes the steps (for the SAM family and Nexus pass their base, see
+    :func:`~sharpscope.training.trainer.plain_optimizer`). Each search starts at η0 = the
+    previous α's η_c on the same curve (``lr`` for the first α) and is warm-started from
+    it. Model, optimizer and RNG states are left exactly as they were.
+
+    Row keys: ``alpha``, ``alpha_effective`` (= n_pretrain / batch_size), ``n_pretrain``,
+    ``n_finetune``, ``direction_norm``; for the fine-tuning loss ``lambda_finetune``
+    (:func:`curve_value`), ``eta_finetune``, ``status_finetune``, ``evals_finetune``,
+    ``loss_finetune`` (its probe loss at θ); the same with ``pretrain`` for the
+    pretraining loss (the relative critical sharpness).
+    """
+    rows = []
+    warm_ft = warm_pt = None
+    for alpha in sorted(float(a) for a in alphas):
+        batch, n = streams.mixed_batch(alpha, 0)
+        d = mix_direction(model, optimizer, batch, lr=lr, grad_clip=grad_clip, loss_fn=loss_fn)
+        ft = _search(model, streams.finetune_probe, d, lr=lr, method=method, rtol=rtol, warm=warm_ft,
+                     loss_fn=loss_fn, what="fine-tuning")
+        pt = _search(model, streams.pretrain_probe, d, lr=lr, method=method, rtol=rtol, warm=warm_pt,
+                     loss_fn=loss_fn, what="pretraining")
+        warm_ft = ft if ft.ok else warm_ft
+        warm_pt = pt if pt.ok else warm_pt
+        row = {"alpha": alpha, "alpha_effective": n / streams.batch_size, "n_pretrain": n,
+               "n_finetune": streams.batch_size - n,
+               "direction_norm": math.sqrt(sum(float(t.double().pow(2).sum()) for t in d))}
+        for key, r in (("finetune", ft), ("pretrain", pt)):
+            row.update({f"lambda_{key}": curve_value(r.sharpness, r.status), f"eta_{key}": r.eta,
+                        f"status_{key}": r.status, f"evals_{key}": r.evals, f"loss_{key}": r.loss0})
+        rows.append(row)
+        if log is not None:
+            log(f"[mix] α={alpha:.3g}: λ_c fine-tuning {_show(row['lambda_finetune'])} ({ft.status}), "
+                f"relative λ_c pretraining {_show(row['lambda_pretrain'])} ({pt.status})")
+    return rows
+
+
+def _show(value: float | None) -> str:
+    if value is None:
+        return "nan"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.4g}"
+
+
+# --------------------------------------------------------------------------- crossings
+
+
+def find_crossings(alphas: Sequence[float], first: Sequence[float], second: Sequence[float]) -> list[dict[str, Any]]:
+    """Where the curve ``first`` crosses ``second`` (both over ascending ``alphas``).
+
+    The difference δ(α) = first − second is formed where both values are known (NaN points
+    are skipped; ∞ − ∞ is unknown). A crossing is a grid point where δ = 0 ("at_grid"), or
+    a pair of consecutive known points where δ changes sign: then α* = α_i + (α_j − α_i)·
+    δ_i/(δ_i − δ_j), linear interpolation ("interpolated"). When one end of the pair is
+    infinite (a "not a descent direction" point) the interpolation's limit, the finite end,
+    is taken ("at_finite_end"); when both are, the midpoint ("midpoint"). ``direction`` is
+    "rising" when ``first`` goes from below ``second`` to above it, else "falling".
+    """
+    if not (len(alphas) == len(first) == len(second)):
+        raise ValueError("alphas and the two curves must have the same length")
+    known = []
+    for a, f, s in zip(alphas, first, second):
+        f = math.nan if f is None else float(f)
+        s = math.nan if s is None else float(s)
+        delta = f - s
+        if not math.isnan(delta):
+            known.append((float(a), delta))
+    crossings: list[dict[str, Any]] = []
+    for i, (a, delta) in enumerate(known):
+        if delta == 0:
+            before = known[i - 1][1] if i > 0 else None
+            after = known[i + 1][1] if i + 1 < len(known) else None
+            direction = "rising" if (before is not None and before < 0) or (after is not None and after > 0) \
+                else "falling"
+            crossings.append({"alpha": a, "between": [a, a], "kind": "at_grid", "direction": direction})
+    for (a0, d0), (a1, d1) in zip(known, known[1:]):
+        if d0 == 0 or d1 == 0 or (d0 < 0) == (d1 < 0):
+            continue
+        if math.isinf(d0) and math.isinf(d1):
+            alpha, kind = 0.5 * (a0 + a1), "midpoint"
+        elif math.isinf(d0):
+            alpha, kind = a1, "at_finite_end"
+        elif math.isinf(d1):
+            alpha, kind = a0, "at_finite_end"
+        else:
+            alpha, kind = a0 + (a1 - a0) * d0 / (d0 - d1), "interpolated"
+        crossings.append({"alpha": alpha, "between": [a0, a1], "kind": kind,
+                          "direction": "rising" if d0 < 0 else "falling"})
+    crossings.sort(key=lambda c: c["alpha"])
+    return crossings
+
+
+def crossing_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The crossings of λ_FT and λ_PT in sweep rows, the recommended α and a sentence."""
+    alphas = [r["alpha"] for r in rows]
+    ft = [r["lambda_finetune"] for r in rows]
+    pt = [r["lambda_pretrain"] for r in rows]
+    crossings = find_crossings(alphas, ft, pt)
+    if crossings:
+        best = crossings[0]
+        note = (f"the curves cross at α = {best['alpha']:.3f} ({best['kind'].replace('_', ' ')} between "
+                f"α = {best['between'][0]:g} and {best['between'][1]:g}); λ_c of the fine-tuning loss is "
+                f"{'below' if best['direction'] == 'rising' else 'above'} the relative λ_c of the pretraining "
+                "loss at smaller α")
+        if len(crossings) > 1:
+            where = ", ".join(f"{c['alpha']:.3f}" for c in crossings)
+            note += f"; they cross {len(crossings)} times in all (at α = {where}), the first is recommended"
+        return {"crossings": crossings, "recommended_alpha": best["alpha"], "crosses": True, "note": note}
+    pairs = [(a, f, s) for a, f, s in zip(alphas, ft, pt) if f is not None and s is not None
+             and math.isfinite(f) and math.isfinite(s) and f > 0 and s > 0]
+    closest = min(pairs, key=lambda p: abs(math.log(p[1] / p[2])))[0] if pairs else None
+    signs = {(f - s) > 0 for _, f, s in zip(alphas, ft, pt)
+             if f is not None and s is not None and not math.isnan(f - s)}
+    if signs == {True}:
+        side = "λ_c of the fine-tuning loss stays above the relative λ_c of the pretraining loss at every α"
+    elif signs == {False}:
+        side = "λ_c of the fine-tuning loss stays below the relative λ_c of the pretraining loss at every α"
+    else:
+        side = "too few α have both values measured"
+    note = f"the curves do not cross in [{min(alphas):g}, {max(alphas):g}]: {side}"
+    if closest is not None:
+        note += f"; they come closest (in ratio) at α = {closest:g}"
+    return {"crossings": [], "recommended_alpha": None, "crosses": False, "closest_alpha": closest, "note": note}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _eval_losses(model: torch.nn.Module, streams: MixStreams, loss_fn: Callable) -> dict[str, float]:
+    """Mean validation loss per source, the pretraining mean over its sources, and the
+    fine-tuning loss (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    try:
+        with torch.no_grad():
+            per_source = {}
+            for name, batches in [*streams.pretrain_val.items(), (streams.finetune_name, streams.finetune_val)]:
+                per_source[name] = sum(float(loss_fn(model, b)) for b in batches) / len(batches)
+    finally:
+        model.train(was_training)
+    pretrain = [per_source[n] for n in streams.pretrain_val]
+    out["pretrain"] = sum(pretrain) / len(pretrain)
+    out["finetune"] = per_source[streams.finetune_name]
+    out.update({f"source/{k}": v for k, v in per_source.items()})
+    return out
+
+
+def fine_tune(model: torch.nn.Module, optimizer: torch.optim.Optimizer, streams: MixStreams, alpha: float, *,
+              steps: int, lr: float, grad_clip: float = 0.0, seed: int = 0,
+              loss_fn: Callable = lm_loss) -> dict[str, Any]:
+    """``steps`` optimizer steps on the mixed batches 0, 1, ... of α at a constant ``lr``
+    (train mode, dropout seeded by ``seed``; the caller's RNG state is kept). Stops at a
+    non-finite loss. Returns ``status`` ("ok" or "diverged"), ``steps`` done and the mean
+    training loss of the last quarter of the steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    status = "ok"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for k in range(steps):
+            batch, _ = streams.mixed_batch(alpha, k)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                status = "diverged"
+                break
+            loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+    tail = losses[-max(1, len(losses) // 4):] if losses else []
+    return {"status": status, "steps": len(losses), "train_loss": sum(tail) / len(tail) if tail else math.nan}
+
+
+def trade_off(rows: list[dict[str, Any]], retention_weight: float = 1.0) -> dict[str, Any]:
+    """Scores and Pareto front of validation rows (each with ``alpha``, ``gain``,
+    ``retention_loss`` and ``recommended``), in place; returns the verdict.
+
+    score = gain − w·retention loss. A row is on the Pareto front when no other row has a
+    retention loss as low and a gain as high with at least one strictly better. NaN rows
+    (diverged) are on neither.
+    """
+    for r in rows:
+        g, rl = r["gain"], r["retention_loss"]
+        r["score"] = g - retention_weight * rl if math.isfinite(g) and math.isfinite(rl) else math.nan
+    finite = [r for r in rows if math.isfinite(r["score"])]
+    for r in rows:
+        r["pareto"] = math.isfinite(r["score"]) and not any(
+            o is not r and o["retention_loss"] <= r["retention_loss"] and o["gain"] >= r["gain"]
+            and (o["retention_loss"] < r["retention_loss"] or o["gain"] > r["gain"]) for o in finite)
+    ranked = sorted(finite, key=lambda r: -r["score"])
+    rank_of = {id(r): i + 1 for i, r in enumerate(ranked)}
+    for r in rows:
+        r["rank"] = rank_of.get(id(r))
+    best = ranked[0] if ranked else None
+    rec = next((r for r in rows if r.get("recommended")), None)
+    verdict: dict[str, Any] = {
+        "criterion": (f"score(α) = gain − {retention_weight:g}·retention loss, where gain = fine-tuning validation "
+                      "loss before − after and retention loss = pretraining validation loss after − before "
+                      "(nats per token); the best α has the highest score. Pareto front: the α that no other "
+                      "validated α beats on both (lower retention loss and higher gain)."),
+        "retention_weight": retention_weight,
+        "best_alpha": best["alpha"] if best else None,
+        "best_score": best["score"] if best else None,
+        "pareto_alphas": [r["alpha"] for r in rows if r["pareto"]],
+        "recommended_alpha": rec["alpha"] if rec else None,
+    }
+    if rec is None:
+        verdict.update(recommended_is_best=None, recommended_on_pareto=None, recommended_rank=None,
+                       recommended_regret=None,
+                       statement="no recommendation to check (the curves do not cross); "
+                                 f"the best validated α is {_alpha_text(verdict['best_alpha'])}")
+        return verdict
+    is_best = best is not None and rec is best
+    regret = best["score"] - rec["score"] if best is not None and math.isfinite(rec["score"]) else math.nan
+    verdict.update(recommended_is_best=is_best, recommended_on_pareto=bool(rec["pareto"]),
+                   recommended_rank=rec["rank"], recommended_regret=regret)
+    if is_best:
+        statement = f"the recommended α = {rec['alpha']:.3f} has the best score of the {len(finite)} validated α"
+    else:
+        statement = (f"the recommended α = {rec['alpha']:.3f} ranks {rec['rank'] or '-'} of {len(finite)} by score "
+                     f"(best: α = {_alpha_text(verdict['best_alpha'])}, score higher by {regret:.4g})")
+    statement += "; it is " + ("on" if rec["pareto"] else "not on") + " the Pareto front"
+    verdict["statement"] = statement
+    return verdict
+
+
+def _alpha_text(alpha: float | None) -> str:
+    return "none" if alpha is None else f"{alpha:.3f}"
+
+
+def validate_mix(load: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer]], streams: MixStreams,
+                 alphas: Sequence[float], *, recommended: float | None = None, steps: int, lr: float,
+                 grad_clip: float = 0.0, seed: int = 0, retention_weight: float = 1.0,
+                 loss_fn: Callable = lm_loss, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Short fine-tunes from the checkpoint at each α (plus ``recommended``), each from a
+    fresh ``load()`` = (model, optimizer) at the checkpoint. Returns ``rows`` (per α: the
+    validation losses before and after, ``gain``, ``retention_loss``, ``score``,
+    ``pareto``, ``rank``, ``recommended``), ``before`` (the losses at the checkpoint) and
+    the verdict of :func:`trade_off`."""
+    points = sorted({float(a) for a in alphas} | ({float(recommended)} if recommended is not None else set()))
+    model, _ = load()
+    before = _eval_losses(model, streams, loss_fn)
+    del model
+    rows = []
+    for alpha in points:
+        model, optimizer = load()
+        t0 = time.perf_counter()
+        run = fine_tune(model, optimizer, streams, alpha, steps=steps, lr=lr, grad_clip=grad_clip, seed=seed,
+                        loss_fn=loss_fn)
+        after = _eval_losses(model, streams, loss_fn) if run["status"] == "ok" else None
+        n = n_pretrain_rows(alpha, streams.batch_size)
+        row = {"alpha": alpha, "alpha_effective": n / streams.batch_size, "n_pretrain": n,
+               "recommended": recommended is not None and alpha == float(recommended),
+               "status": run["status"], "steps": run["steps"],
+               "pretrain_loss_before": before["pretrain"],
+               "pretrain_loss_after": after["pretrain"] if after else math.nan,
+               "finetune_loss_before": before["finetune"],
+               "finetune_loss_after": after["finetune"] if after else math.nan,
+               "train_loss_end": run["train_loss"], "seconds": time.perf_counter() - t0}
+        row["retention_loss"] = row["pretrain_loss_after"] - row["pretrain_loss_before"]
+        row["gain"] = row["finetune_loss_before"] - row["finetune_loss_after"]
+        rows.append(row)
+        if log is not None:
+            log(f"[mix] fine-tune α={alpha:.3g}: gain {row['gain']:.4f}, retention loss {row['retention_loss']:.4f}"
+                f"{' (recommended)' if row['recommended'] else ''}")
+    verdict = trade_off(rows, retention_weight)
+    return {"rows": rows, "before": before, "steps": steps, "lr": lr, **verdict}
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _curve_for_plot(values: Sequence[float | None], statuses: Sequence[str]) -> list[float]:
+    return [curve_value(v, s) for v, s in zip(values, statuses)]
+
+
+def draw_sweep_figure(result: Mapping[str, Any], path: Path) -> Path:
+    """Both curves against α on a log axis, the crossing marked (from a result dict as
+    written to mix.json); infinite values (not a descent direction) are drawn as ▲ at the
+    top edge, zeros (no increase) as ▼ at the bottom."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = result["sweep"]
+    alphas = np.array([r["alpha"] for r in rows], dtype=float)
+    curves = [
+        ("finetune", f"λ_c of the fine-tuning loss ({result['finetune']})", "#1f77b4"),
+        ("pretrain", f"relative λ_c of the pretraining loss ({', '.join(result['pretrain'])})", "#d62728"),
+    ]
+    values = {key: np.array(_curve_for_plot([r[f"lambda_{key}"] for r in rows],
+                                            [r[f"status_{key}"] for r in rows]), dtype=float)
+              for key, _, _ in curves}
+    finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in values.values()])
+    lr = result.get("lr")
+    if lr:
+        finite = np.append(finite, 2.0 / lr)
+    lo, hi = (finite.min(), finite.max()) if finite.size else (1.0, 10.0)
+    top, bottom = hi * 2.0, lo / 2.0
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    labelled: set[str] = set()
+
+    def once(text: str) -> str:  # each marker kind in the legend once
+        if text in labelled:
+            return "_nolegend_"
+        labelled.add(text)
+        return text
+
+    for key, label, color in curves:
+        v = values[key]
+        shown = np.where(np.isfinite(v) & (v > 0), v, np.nan)
+        ax.plot(alphas, shown, "o-", color=color, lw=1.4, ms=4, label=label)
+        inf = np.isinf(v)
+        if inf.any():
+            ax.plot(alphas[inf], np.full(inf.sum(), top), "^", color=color, ms=8, ls="none",
+                    label=once("not a descent direction (λ_c = ∞)"))
+        zero = v == 0
+        if zero.any():
+            ax.plot(alphas[zero], np.full(zero.sum(), bottom), "v", color=color, ms=8, ls="none",
+                    label=once("no increase found (λ_c ≈ 0)"))
+    if lr:
+        ax.axhline(2.0 / lr, color="0.5", lw=0.8, ls=":", label=f"2/lr (lr = {lr:.3g}, the run's at the checkpoint)")
+    rec = result["crossing"].get("recommended_alpha")
+    for c in result["crossing"].get("crossings", []):
+        ax.axvline(c["alpha"], color="0.2", lw=1.0, ls="--",
+                   label=f"crossing α = {c['alpha']:.3f}" + (" (recommended)" if c["alpha"] == rec else ""))
+        at = _value_at(alphas, values["finetune"], c["alpha"])
+        if at is not None:
+            ax.plot([c["alpha"]], [at], "o", ms=10, mfc="none", mec="0.2", mew=1.5)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom / 1.5, top * 1.5)
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_xlabel("pretraining fraction α of the fine-tuning batch")
+    ax.set_ylabel("critical sharpness λ_c = 2/η_c along d_α")
+    title = "Data-mix sweep: " + (f"recommended α = {rec:.3f}" if rec is not None else "the curves do not cross")
+    ax.set_title(title)
+    ax.legend(fontsize=7.5, loc="best")
+    ax.grid(alpha=0.25, which="both")
+    return _save(fig, path)
+
+
+def _value_at(alphas, values, alpha: float) -> float | None:
+    """Linear interpolation of a curve at ``alpha`` between its two grid neighbours, when
+    both are finite and positive (where the crossing is drawn)."""
+    for a0, a1, v0, v1 in zip(alphas, alphas[1:], values, values[1:]):
+        if a0 <= alpha <= a1:
+            if not (math.isfinite(v0) and math.isfinite(v1) and v0 > 0 and v1 > 0):
+                return None
+            return float(v0 if a1 == a0 else v0 + (v1 - v0) * (alpha - a0) / (a1 - a0))
+    return None
+
+
+def draw_validation_figure(result: Mapping[str, Any], path: Path) -> Path | None:
+    """Left: gain, retention loss and score against α. Right: the trade-off plane
+    (retention loss, gain) with the Pareto front, the best α and the recommendation."""
+    validation = result.get("validation")
+    if not validation or not validation.get("rows"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in validation["rows"] if r.get("gain") is not None and r.get("retention_loss") is not None]
+    if not rows:
+        return None
+    a = np.array([r["alpha"] for r in rows], dtype=float)
+    gain = np.array([r["gain"] for r in rows], dtype=float)
+    ret = np.array([r["retention_loss"] for r in rows], dtype=float)
+    score = np.array([r["score"] if r.get("score") is not None else np.nan for r in rows], dtype=float)
+    w = validation.get("retention_weight", 1.0)
+    rec = validation.get("recommended_alpha")
+    best = validation.get("best_alpha")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    left.plot(a, gain, "o-", color="#1f77b4", label="gain (fine-tuning loss before − after)")
+    left.plot(a, ret, "s-", color="#d62728", label="retention loss (pretraining loss after − before)")
+    left.plot(a, score, "d--", color="#2ca02c", label=f"score = gain − {w:g}·retention loss")
+    left.axhline(0, color="0.6", lw=0.6)
+    if rec is not None:
+        left.axvline(rec, color="0.2", ls="--", lw=1.0, label=f"recommended α = {rec:.3f} (crossing)")
+    if best is not None:
+        i = int(np.nanargmax(score))
+        left.plot([a[i]], [score[i]], "*", color="#2ca02c", ms=14, label=f"best score: α = {best:.3f}")
+    left.set_xlabel("pretraining fraction α")
+    left.set_ylabel("validation loss change (nats/token)")
+    left.set_title(f"Validation fine-tunes ({validation.get('steps')} steps, lr {validation.get('lr'):.3g})")
+    left.legend(fontsize=7.5)
+    left.grid(alpha=0.25)
+
+    pareto = sorted((r["retention_loss"], r["gain"]) for r in rows if r.get("pareto"))
+    if pareto:
+        right.plot([p[0] for p in pareto], [p[1] for p in pareto], "-", color="0.6", lw=2, zorder=1,
+                   label="Pareto front")
+    right.scatter(ret, gain, c=a, cmap="viridis", vmin=0, vmax=1, s=40, zorder=2)
+    for i, r in enumerate(rows):  # labels alternate above and below: close points stay readable
+        right.annotate(f"α={r['alpha']:.2f}", (r["retention_loss"], r["gain"]), textcoords="offset points",
+                       xytext=(5, 4 if i % 2 == 0 else -11), fontsize=7.5)
+    if rec is not None:
+        rr = next((r for r in rows if r.get("recommended")), None)
+        if rr is not None:
+            right.scatter([rr["retention_loss"]], [rr["gain"]], s=180, facecolors="none", edgecolors="#d62728",
+                          lw=1.8, zorder=3, label=f"recommended α = {rec:.3f}")
+    if best is not None and validation.get("best_score") is not None:
+        i = int(np.nanargmax(score))
+        right.scatter([ret[i]], [gain[i]], marker="*", s=160, color="#2ca02c", zorder=4,
+                      label=f"best score α = {best:.3f}")
+        xs = np.linspace(np.nanmin(ret), np.nanmax(ret), 2) if np.nanmax(ret) > np.nanmin(ret) else ret[i] + np.array([-0.01, 0.01])
+        right.plot(xs, validation["best_score"] + w * xs, ":", color="#2ca02c", lw=1,
+                   label="equal score through the best")
+    right.set_xlabel("retention loss: pretraining loss after − before (lower is better)")
+    right.set_ylabel("gain: fine-tuning loss before − after (higher is better)")
+    right.set_title("Trade-off (colour: α)")
+    right.legend(fontsize=7.5)
+    right.grid(alpha=0.25)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- files
+
+
+SWEEP_COLUMNS = ["alpha", "alpha_effective", "n_pretrain", "n_finetune", "lambda_finetune", "eta_finetune",
+                 "status_finetune", "evals_finetune", "loss_finetune", "lambda_pretrain", "eta_pretrain",
+                 "status_pretrain", "evals_pretrain", "loss_pretrain", "direction_norm"]
+VALIDATION_COLUMNS = ["alpha", "alpha_effective", "n_pretrain", "recommended", "status", "steps",
+                      "pretrain_loss_before", "pretrain_loss_after", "retention_loss", "finetune_loss_before",
+                      "finetune_loss_after", "gain", "score", "rank", "pareto", "train_loss_end", "seconds"]
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        out = []
+        for c in columns:
+            v = row.get(c)
+            out.append("" if v is None else (repr(float(v)) if isinstance(v, float) else v))
+        writer.writerow(out)
+    return buf.getvalue()
+
+
+def write_results(result: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Figures, CSVs and (last, so that its presence means a finished analysis) mix.json,
+    each written atomically. Returns the paths by name."""
+    out = Path(out)
+    paths = {"sweep_figure": draw_sweep_figure(result, out / FIGURES_DIR / f"{SWEEP_FIGURE}.png")}
+    if result.get("validation"):
+        fig = draw_validation_figure(result, out / FIGURES_DIR / f"{VALIDATION_FIGURE}.png")
+        if fig is not None:
+            paths["validation_figure"] = fig
+        atomic_write_text(out / VALIDATION_CSV, _csv_text(result["validation"]["rows"], VALIDATION_COLUMNS))
+        paths["validation_csv"] = out / VALIDATION_CSV
+    atomic_write_text(out / SWEEP_CSV, _csv_text(result["sweep"], SWEEP_COLUMNS))
+    paths["sweep_csv"] = out / SWEEP_CSV
+    atomic_write_text(out / RESULT_FILE, json.dumps(_clean(result), indent=2, allow_nan=False) + "\n")
+    paths["json"] = out / RESULT_FILE
+    return paths
+
+
+def read_result(out: Path) -> dict[str, Any]:
+    """mix.json of an analysis directory, with the curves' infinities restored from the
+    statuses (JSON has none)."""
+    path = Path(out) / RESULT_FILE
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        for row in result["sweep"]:
+            for key in ("finetune", "pretrain"):
+                row[f"lambda_{key}"] = curve_value(row[f"lambda_{key}"], row[f"status_{key}"])
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise UserError(f"{path} is missing or not a data-mix result; run sharpscope mix again") from None
+    return result
+
+
+# --------------------------------------------------------------------------- from a checkpoint
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoints/stepNNNNNNNN folder as given, or the latest one of a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint '{path}' not found; give a RUN/checkpoints/stepNNNNNNNN folder or a run folder")
+    if (path / "train_state.json").is_file():
+        return path
+    found = list_checkpoints(path) if path.is_dir() else []
+    if not found:
+        raise UserError(f"'{path}' is neither a checkpoint (no train_state.json) nor a run with checkpoints; "
+                        "give a RUN/checkpoints/stepNNNNNNNN folder")
+    return found[-1]
+
+
+def _run_config(checkpoint: Path) -> TrainConfig:
+    from .measure import _run_config as read
+
+    return read(checkpoint)
+
+
+def _run_tokenizer(config: TrainConfig, run_dir: Path):
+    if config.data.tokenizer != "bytes" and not (run_dir / TOKENIZER_FILE).is_file():
+        raise UserError(f"{run_dir / TOKENIZER_FILE} is missing; the run's tokenizer is needed to tokenize the sources")
+    return make_run_tokenizer(config, run_dir, save=False)
+
+
+def load_for_mix(checkpoint: Path, config: TrainConfig, vocab_size: int):
+    """(model, the run's optimizer, train state) restored from ``checkpoint``: weights and
+    optimizer state (AdamW's moments) as the run left them. The step direction is taken
+    by ``plain_optimizer`` of the optimizer (the base of the SAM family and Nexus)."""
+    model = build_model(config.model, vocab_size)
+    optimizer = build_optimizer(config.optim, model)
+    state = load_checkpoint(checkpoint, model, optimizer)
+    return model, optimizer, state
+
+
+def checkpoint_lr(config: TrainConfig, step: int) -> float:
+    """The schedule's lr of the step after the checkpoint (the last step's lr at the end of
+    a run); the peak lr when the schedule has reached 0 there."""
+    lr = lr_at(config, min(step, config.steps - 1))
+    return lr if lr > 0 else config.optim.lr
+
+
+def _split_specs(specs: Sequence[str] | str) -> list[str]:
+    if isinstance(specs, str):
+        specs = [specs]
+    out = [s.strip() for spec in specs for s in str(spec).split(",") if s.strip()]
+    if not out:
+        raise UserError("no pretraining source given; name at least one (e.g. --pretrain code)")
+    return out
+
+
+def run_mix(checkpoint: str | Path, pretrain: Sequence[str] | str, finetune: str, cfg: MixConfig | None = None,
+            out: str | Path = "mix", *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The whole advisor on a checkpoint: sweep, crossing, validation, files in ``out``.
+
+    ``pretrain``: one or more source specs (a comma-separated string is split), mixed in
+    equal parts; ``finetune``: one source spec. Every input is checked before anything is
+    written. Returns the result dict (what mix.json holds, with infinities kept) plus
+    ``paths``.
+    """
+    cfg = cfg or MixConfig()
+    t_start = time.perf_counter()
+    alphas = check_mix_config(cfg)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"'{out}' exists and is not a directory; choose another --out")
+    pretrain_specs = _split_specs(pretrain)
+    if not isinstance(finetune, str) or not finetune.strip():
+        raise UserError("no fine-tuning source given; name one (e.g. --finetune arithmetic)")
+    if "," in finetune:
+        raise UserError(f"--finetune takes one source, got '{finetune}'")
+    checkpoint = resolve_checkpoint(checkpoint)
+    state = read_state(checkpoint)  # checksums first: a corrupt checkpoint is named before anything loads
+    config = _run_config(checkpoint)
+    run_dir = checkpoint.parent.parent
+    tokenizer = _run_tokenizer(config, run_dir)
+    block = config.model.block_size
+    common = dict(tokenizer=tokenizer, val_fraction=config.data.val_fraction, max_bytes=config.data.max_bytes,
+                  seed=config.seed, block_size=block + 1)
+    pt_sources = data_lib.load_sources(pretrain_specs, **common)
+    ft_source = data_lib.load_source(finetune.strip(), **common)
+    data_lib.check_vocab({**pt_sources, ft_source.name: ft_source}, tokenizer.vocab_size)
+    streams = MixStreams(pt_sources, ft_source, batch_size=cfg.batch_size, block_size=block,
+                         probe_batch_size=cfg.probe_batch_size, probe_batches=cfg.probe_batches,
+                         eval_batches=cfg.eval_batches, seed=cfg.seed)
+
+    model, wrapper, state = load_for_mix(checkpoint, config, tokenizer.vocab_size)
+    fresh = cfg.moments == "fresh"
+    if fresh:
+        wrapper = build_optimizer(config.optim, model)
+    optimizer = plain_optimizer(wrapper)
+    step = int(state["step"])
+    lr = checkpoint_lr(config, step)
+    grad_clip = config.optim.grad_clip if cfg.clip else 0.0
+    model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer_state = copy.deepcopy(wrapper.state_dict())
+
+    t0 = time.perf_counter()
+    sweep = mix_sweep(model, optimizer, streams, alphas, lr=lr, grad_clip=grad_clip, method=cfg.method,
+                      rtol=cfg.rtol, log=log)
+    sweep_seconds = time.perf_counter() - t0
+    crossing = crossing_summary(sweep)
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "step": step, "run": str(run_dir), "run_name": config.name,
+        "optimizer": config.optim.name, "direction_optimizer": type(optimizer).__name__, "moments": cfg.moments,
+        "pretrain": list(pt_sources), "pretrain_specs": pretrain_specs, "finetune": ft_source.name,
+        "finetune_spec": finetune.strip(), "lr": lr, "two_over_lr": 2.0 / lr, "grad_clip": grad_clip,
+        "config": to_dict(cfg), "sweep": sweep, "crossing": crossing,
+        "recommended_alpha": crossing["recommended_alpha"], "seconds": {"sweep": sweep_seconds},
+        "probes": {"finetune": f"{cfg.probe_batches} × {cfg.probe_batch_size} sequences of {ft_source.name} "
+                               f"(validation split, seed {cfg.seed + 3})",
+                   "pretrain": f"{cfg.probe_batches} × {cfg.probe_batch_size} sequences of "
+                               f"{' + '.join(pt_sources)} (validation split, seed {cfg.seed + 2})"},
+    }
+    if cfg.validate:
+        def load() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+            m = build_model(config.model, tokenizer.vocab_size)
+            m.load_state_dict(model_state)
+            o = build_optimizer(config.optim, m)
+            if not fresh:
+                o.load_state_dict(copy.deepcopy(optimizer_state))
+            return m, plain_optimizer(o)
+
+        t0 = time.perf_counter()
+        recommended = crossing["recommended_alpha"] if cfg.validate_crossing else None
+        result["validation"] = validate_mix(
+            load, streams, _alpha_list(cfg.validate_alphas, "validate_alphas"), recommended=recommended,
+            steps=cfg.validate_steps, lr=cfg.validate_lr, grad_clip=grad_clip, seed=cfg.seed,
+            retention_weight=cfg.retention_weight, log=log)
+        result["seconds"]["validation"] = time.perf_counter() - t0
+    result["seconds"]["total"] = time.perf_counter() - t_start
+    result["paths"] = {k: str(v) for k, v in write_results({k: v for k, v in result.items()}, out).items()}
+    return result
+
+
+# --------------------------------------------------------------------------- the measured study
+
+
+@dataclass
+class MixStudyConfig:
+    enabled: bool = False
+    """Run the data-mix part of the measured study (train the base model, sweep, validate)."""
+    pretrain: list[str] = field(default_factory=lambda: ["code", "prose"])
+    """Sources the base model is trained on (equal mixture): the "pretraining" data."""
+    finetune: str = "arithmetic"
+    """The fine-tuning source, new to the base model."""
+    size: str = "2x64"
+    """Base model shape: a preset name or LAYERSxWIDTH / LAYERSxHEADSxWIDTH (as the study's sizes)."""
+    steps: int = 1000
+    """Training steps of the base model."""
+    seed: int = 0
+    """Seed of the base model's training."""
+    warmup_fraction: float = 0.05
+    """Warmup as a fraction of the base model's steps."""
+    monitor_points: int = 50
+    """Critical-sharpness measurements during base training (0 = none)."""
+    eval_points: int = 10
+    """Validation passes during base training."""
+    checkpoint_points: int = 4
+    """Checkpoints of the base training (resume granularity); only the latest is kept."""
+    mix: MixConfig = field(default_factory=MixConfig)
+    """The sweep and validation settings."""
+
+
+def mix_base_config(cfg: MixStudyConfig, train_defaults: TrainConfig) -> TrainConfig:
+    """The base model's TrainConfig: the study's shared settings with the pretraining
+    sources, the shape, the steps and the cadences of ``cfg``."""
+    layers, heads, width = parse_shape(cfg.size)
+    if cfg.steps < 1:
+        raise UserError(f"mix.steps must be at least 1, got {cfg.steps}")
+    if not 0 <= cfg.warmup_fraction < 1:
+        raise UserError(f"mix.warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
+
+    def every(points: int) -> int:
+        return max(1, cfg.steps // points) if points > 0 else 0
+
+    t = train_defaults
+    return dataclasses.replace(
+        t, name="mix-base", group="mix", groups=[], seed=cfg.seed, steps=cfg.steps, progress=False,
+        model=dataclasses.replace(t.model, preset=cfg.size if cfg.size in PRESETS else t.model.preset,
+                                  n_layer=layers, n_head=heads, d_model=width),
+        data=dataclasses.replace(t.data, sources=list(cfg.pretrain), weights=[]),
+        schedule=dataclasses.replace(t.schedule, warmup_steps=int(round(cfg.warmup_fraction * cfg.steps))),
+        monitor=dataclasses.replace(t.monitor, every=every(cfg.monitor_points), exact_every=0),
+        eval=dataclasses.replace(t.eval, every=every(cfg.eval_points)),
+        checkpoint=dataclasses.replace(t.checkpoint, every=every(cfg.checkpoint_points), keep=1))
+
+
+def _same_analysis(path: Path, cfg: MixStudyConfig, step: int) -> bool:
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored_cfg = to_dict(from_dict(MixConfig, stored["config"]))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, UserError):
+        return False
+    return (stored_cfg == to_dict(cfg.mix) and stored.get("step") == step
+            and stored.get("pretrain_specs") == _split_specs(cfg.pretrain)
+            and stored.get("finetune_spec") == cfg.finetune)
+
+
+def run_mix_study(cfg: MixStudyConfig, study_out: Path, train_defaults: TrainConfig, *,
+                  log: Callable[[str], None] | None = print) -> dict[str, Any] | None:
+    """The measured study's data-mix part, resumably, into ``study_out/mix``.
+
+    Trains the base model on ``cfg.pretrain`` into ``study_out/mix/base`` (skipped when it
+    has finished, resumed from its latest checkpoint when it has not, started afresh when
+    it has no checkpoint), then runs :func:`run_mix` on its final checkpoint with
+    ``cfg.finetune`` into ``study_out/mix`` (skipped when mix.json there already holds an
+    analysis of that checkpoint with the same settings). Returns the result (None on a
+    rank other than 0 under torch.distributed: ranks train together, rank 0 analyses).
+    Called by the study driver when ``cfg.enabled``; it does not check the flag itself.
+    """
+    from .trainer import train
+
+    mix_dir = Path(study_out) / MIX_DIR
+    base = mix_dir / BASE_DIR
+    check_mix_config(cfg.mix)
+    config = mix_base_config(cfg, train_defaults)
+    state = run_state(base, config.steps)
+    if state == "fresh" and base.exists():
+        shutil.rmtree(base)  # killed before its first checkpoint: nothing to keep
+    if state != "done":
+        if log is not None:
+            log(f"[mix] training the base model {cfg.size} on {', '.join(cfg.pretrain)} for {cfg.steps} steps "
+                f"({'resuming' if state == 'partial' else 'new'}) -> {base}")
+        train(config, base, resume=state == "partial")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    checkpoint = list_checkpoints(base)[-1]
+    step = int(checkpoint.name.removeprefix("step"))
+    if _same_analysis(mix_dir / RESULT_FILE, cfg, step):
+        if log is not None:
+            log(f"[mix] the sweep of {checkpoint} is already in {mix_dir / RESULT_FILE}")
+        return read_result(mix_dir)
+    result = run_mix(checkpoint, cfg.pretrain, cfg.finetune, cfg.mix, mix_dir, log=log)
+    if log is not None:
+        log(f"[mix] {result['crossing']['note']} -> {mix_dir / RESULT_FILE}")
+    return result
