@@ -278,21 +278,46 @@ def test_simulate_seed_flag(capsys, tmp_path):
     assert not (out / "report").exists()
 
 
+# The demo's reduced study, cut further so the test stays short (the real settings are
+# exercised by make demo).
+QUICK_DEMO = ["--no-progress", "budget.min_steps=24", "monitor_points=8", "exact_points=2", "eval_points=2",
+              "train.model.block_size=32", "train.data.batch_size=8", "train.data.max_bytes=100000",
+              "train.eval.batches=1", "train.eval.arithmetic_problems=3", "train.monitor.probe_batch_size=8",
+              "train.monitor.lanczos_iters=4", "train.monitor.trace_samples=2",
+              "mix.steps=24", "mix.mix.validate_steps=3", "mix.mix.batch_size=8", "mix.mix.probe_batch_size=8",
+              "mix.mix.eval_batches=1", "nexus.steps=24", "nexus.finetune_steps=3", "nexus.segment_points=3"]
+
+
 def test_demo_writes_html(capsys, tmp_path):
     out = tmp_path / "demo"
-    text = run_ok(capsys, ["demo", "--out", out])
+    text = run_ok(capsys, ["demo", "--out", out, *QUICK_DEMO])
     html = out / "report" / "report.html"
     assert html.is_file()
     assert str(html) in text
-    assert html.read_text().lstrip().startswith("<!DOCTYPE html>")
-    assert (out / "report" / "summary.json").is_file()
-    # the real run: trained with the monitor on, analysed beside the simulated study
-    trained = out / "study" / "training" / "tiny-demo"
-    assert (trained / "checkpoints" / "step00000200" / "model.safetensors").is_file()
-    table = (out / "report" / "tables" / "training.csv").read_text()
-    assert "tiny-demo" in table
-    assert (out / "report" / "figures" / "training.png").is_file()
-    assert "Measured training runs" in html.read_text()
+    page = html.read_text()
+    assert page.lstrip().startswith("<!DOCTYPE html>")
+    # the simulated study and its own report
+    assert (out / "simulated" / "report" / "report.html").is_file()
+    assert len(list((out / "simulated").rglob("metrics.jsonl"))) == 78
+    # the measured study: 5 sizes + 4 schedules at 3 sizes, each a run with checkpoints
+    runs = sorted((out / "study" / "runs").iterdir())
+    assert len(runs) == 17
+    assert all(list((r / "checkpoints").glob("step*")) for r in runs)
+    # one report: the comparison with the simulation, the mix advisor, the Nexus diagnostics
+    comparison = json.loads((out / "report" / "comparison.json").read_text())
+    assert {row["claim"] for row in comparison} >= {"three_phase", "loglinear_law", "schedule_pattern"}
+    for anchor in ("comparison", "mix", "nexus", "grid"):
+        assert f"id='{anchor}'" in page
+    assert "claims hold" in text
+
+
+def test_demo_bad_override_keeps_the_old_demo(capsys, tmp_path):
+    out = tmp_path / "demo"
+    (out / "simulated").mkdir(parents=True)
+    (out / "simulated" / "keep.txt").write_text("old")
+    line = run_err(capsys, ["demo", "--out", out, "sizes=[1]"])
+    assert line.startswith("sharpscope: error:")
+    assert (out / "simulated" / "keep.txt").read_text() == "old"
 
 
 def test_module_help():

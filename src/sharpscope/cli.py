@@ -333,39 +333,58 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # --- demo ------------------------------------------------------------------------------
 
-def _demo_training_config():
-    """The demo's real run: the 'tiny' GPT on the three built-in corpora, monitor on."""
-    from .config import load_config
-    from .training.config import TrainConfig
-
-    return load_config(TrainConfig, None, [
-        "name=tiny-demo", "group=training", "steps=200", "progress=false", "model.preset=tiny",
-        "model.block_size=64", "data.sources=code,prose,arithmetic", "data.max_bytes=1000000",
-        "monitor.every=10", "monitor.exact_every=50", "eval.every=50", "eval.batches=2",
-        "eval.arithmetic_problems=20", "checkpoint.every=100"])
+# The reduced measured study of the demo: five one- and two-block GPTs (about 9K to 120K
+# parameters), one seed, the five schedules at three sizes, short runs; plus the data-mix
+# advisor and the Nexus comparison on small models. About three minutes on 2 CPU cores.
+DEMO_STUDY = [
+    "name=demo-ladder", 'sizes=["1x16","1x24","1x32","1x48","2x64"]', "seeds=[0]",
+    'schedule_sizes=["1x24","1x32","1x48"]', "monitor_points=50", "exact_points=5", "eval_points=5",
+    "checkpoint_points=2", "budget.tokens_per_param=2", "budget.min_steps=150", "train.model.block_size=64",
+    'train.data.sources=["code","prose","arithmetic"]', "train.data.max_bytes=500000",
+    "train.monitor.lanczos_iters=12", "train.monitor.trace_samples=8", "train.eval.batches=2",
+    "train.eval.arithmetic_problems=20",
+    "mix.enabled=true", "mix.size=1x32", "mix.steps=300", "mix.mix.validate_steps=20",
+    "mix.mix.alphas=[0,0.2,0.4,0.6,0.8,1]", "mix.mix.validate_alphas=[0,0.5,1]",
+    "nexus.enabled=true", "nexus.size=1x32", "nexus.steps=300", "nexus.finetune_steps=30",
+]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .config import load_config
     from .simulation import SimulationConfig, write_study
-    from .training.trainer import train
+    from .training.study import StudyConfig, plan_study, run_study
 
     out = Path(args.out)
-    study = out / "study"
-    for path in (out, study, out / "report"):
+    simulated, study, report = out / "simulated", out / "study", out / "report"
+    for path in (out, simulated, study, report):
         if path.exists() and not path.is_dir():
             raise UserError(f"'{path}' exists and is not a directory; choose another --out")
-    if study.exists():
-        shutil.rmtree(study)  # the demo owns its output folder and always starts it afresh
+    cfg = load_config(StudyConfig, None, DEMO_STUDY + list(args.overrides))
+    plan_study(cfg)  # a bad override fails here, before anything is replaced
+    for path in (simulated, study, out / "study-simulated"):
+        if path.exists():
+            shutil.rmtree(path)  # the demo owns its output folder and always starts it afresh
     t0 = time.perf_counter()
-    paths = write_study(SimulationConfig(), study)
-    print(f"[demo] simulated study: {len(paths)} runs -> {study}")
-    if not args.no_training:
-        config = _demo_training_config()
-        run = train(config, study / "training" / config.name)
-        print(f"[demo] trained the tiny GPT ({config.steps} steps, critical sharpness every "
-              f"{config.monitor.every}) -> {run} ({time.perf_counter() - t0:.1f} s so far)")
-    _analyze(study, out / "report", title="sharpscope demo: sharpness across scales, simulated and measured")
-    print(f"[demo] done in {time.perf_counter() - t0:.1f} s; open {out / 'report' / 'report.html'}")
+    paths = write_study(SimulationConfig(), simulated)
+    print(f"[demo] simulated study: {len(paths)} runs -> {simulated}")
+    _analyze(simulated, simulated / "report", title="Simulated sharpness study (seed 42)")
+    if args.no_training:
+        print(f"[demo] done in {time.perf_counter() - t0:.1f} s; open {simulated / 'report' / 'report.html'}")
+        return 0
+    result = run_study(cfg, study, progress=not args.no_progress)
+    print(f"[demo] measured study: {len(result.ran)} runs trained -> {study / 'runs'} "
+          f"({time.perf_counter() - t0:.1f} s so far)")
+    from .analysis.compare import verdict_counts
+    from .report.study import write_study_report
+
+    html = write_study_report(study, report, simulated=simulated / "report",
+                              title="sharpscope demo: the simulated study's claims on a small measured study")
+    rows = json.loads((report / "comparison.json").read_text(encoding="utf-8"))
+    for row in rows:
+        print(f"  {row['claim']:22s} {row['verdict']:13s} {row['measured'][:100]}")
+    c = verdict_counts(rows)
+    print(f"[demo] {c['holds']} claims hold, {c['does not hold']} do not, {c['inconclusive']} inconclusive")
+    print(f"[demo] done in {time.perf_counter() - t0:.1f} s; open {html}")
     return 0
 
 
@@ -471,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the built-in demo end to end")
     d.add_argument("--out", default="demo-output", help="output directory (replaced)")
     d.add_argument("--no-training", action="store_true", help="only the simulated study")
+    d.add_argument("--no-progress", action="store_true", help="no progress line")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the reduced study's settings")
     d.set_defaults(func=cmd_demo)
     return p
 
