@@ -146,6 +146,9 @@ def test_rerun_skips_finished_runs(tiny_study):
     before = {p: p.stat().st_mtime_ns for p in (tiny_study / "runs").rglob("metrics.jsonl")}
     result = run_study(tiny_config(), tiny_study, progress=False)
     assert not result.ran and not result.resumed and len(result.skipped) == 7
+    # the mix and Nexus parts keep their own state: changing them does not re-plan the grid
+    result = run_study(tiny_config("nexus.steps=7", "mix.steps=9"), tiny_study, progress=False)
+    assert len(result.skipped) == 7
     assert before == {p: p.stat().st_mtime_ns for p in (tiny_study / "runs").rglob("metrics.jsonl")}
 
 

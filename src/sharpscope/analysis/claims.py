@@ -324,13 +324,16 @@ def schedule_cells(a: "StudyAnalysis") -> dict[str, dict[str, Any]]:
         key = f"{name}@{_scale_rank(r.run.n_params, sizes)}"
         c = cells.setdefault(key, {"schedule": name, "scale": _scale_rank(r.run.n_params, sizes),
                                    "model": r.run.model, "preserved": [], "spikes": [], "ratio": []})
-        c["preserved"].append(bool(r.phases.preserved))
-        c["spikes"].append(int(r.phases.n_spikes))
+        decidable = r.phases.preserved or "non-finite" not in r.phases.reason
+        c["preserved"].append(bool(r.phases.preserved) if decidable else None)
+        c["spikes"].append(int(r.phases.n_spikes) if decidable else None)
         base = cosine.get(r.run.n_params)
         c["ratio"].append(r.final / float(np.mean(base)) if base else math.nan)
-    for c in cells.values():
-        c["preserved"] = float(np.mean(c["preserved"]))
-        c["spikes"] = float(np.mean(c["spikes"]))
+    for c in cells.values():  # None: no run of the cell was decidable (too many failed measurements)
+        known = [v for v in c["preserved"] if v is not None]
+        c["preserved"] = float(np.mean(known)) if known else None
+        spikes = [v for v in c["spikes"] if v is not None]
+        c["spikes"] = float(np.mean(spikes)) if spikes else None
         c["ratio"] = float(np.nanmean(c["ratio"])) if np.isfinite(c["ratio"]).any() else math.nan
     return cells
 
@@ -344,15 +347,18 @@ def _schedule_claims(a: "StudyAnalysis") -> list[Claim]:
     restarts = {k: c for k, c in cells.items() if c["schedule"] == "cosine_restarts"}
     cos = {c["scale"]: c for c in cells.values() if c["schedule"] == "cosine"}
     if restarts:
-        more = [c["spikes"] > cos.get(c["scale"], {"spikes": 0.0})["spikes"] for c in restarts.values()]
-        k = sum(more)
+        pairs = [(c["scale"], c["spikes"], (cos.get(c["scale"]) or {}).get("spikes")) for c in restarts.values()]
+        known = [(scale, a_, b_) for scale, a_, b_ in pairs if a_ is not None and b_ is not None]
+        k = sum(a_ > b_ for _, a_, b_ in known)
         out.append(Claim(
             "restart_spikes", "Warm restarts make sharpness spike at each restart.",
-            "scales where the restarts run shows more sharpness spikes than cosine (holds ≥ 2/3, fails ≤ 1/3)",
-            k / len(more), fraction_verdict(k, len(more)),
-            "; ".join(f"{c['scale']}: {c['spikes']:.0f} spikes vs cosine {cos.get(c['scale'], {'spikes': math.nan})['spikes']:.0f}"
-                      for c in restarts.values()), n=len(more)))
-    pattern = {k: c["preserved"] for k, c in sorted(cells.items())}
+            "scales where the restarts run shows more sharpness spikes than cosine (holds ≥ 2/3, fails ≤ 1/3; "
+            "scales whose runs the detector cannot read are left out)",
+            k / len(known) if known else math.nan, fraction_verdict(k, len(known)),
+            "; ".join(f"{scale}: {a_:.0f} spikes vs cosine {b_:.0f}" for scale, a_, b_ in known)
+            + (f"; {len(pairs) - len(known)} scale(s) undecidable" if len(known) < len(pairs) else ""),
+            n=len(known)))
+    pattern = {k: c["preserved"] for k, c in sorted(cells.items()) if c["preserved"] is not None}
     out.append(Claim(
         "schedule_pattern", "Cosine and linear decay keep the three phases at every scale; constant and WSD break them "
         "only at the smallest scale; restarts break them at the small and middle scales.",

@@ -40,7 +40,7 @@ def load_summary(path: str | Path) -> dict[str, Any]:
 def _schedule_pattern(sim: dict, measured: dict) -> tuple[float, str, str, int]:
     a = sim.get("details", {}).get("preserved", {})
     b = measured.get("details", {}).get("preserved", {})
-    common = sorted(set(a) & set(b))
+    common = sorted(k for k in set(a) & set(b) if a[k] is not None and b[k] is not None)
     if not common:
         return math.nan, UNCLEAR, "no schedule × scale cell in common", 0
     match = [(a[k] >= 0.5) == (b[k] >= 0.5) for k in common]

@@ -78,6 +78,23 @@ def _grid_html(study_dir: Path) -> str:
     return "<p class='note'>The grid as planned (study.json).</p>" + table_html(rows)
 
 
+def finished_runs(study_dir: Path, runs: list) -> tuple[list, list[str]]:
+    """The runs that reached their planned last step (study.json), and the names of the
+    rest: a run still training would bias every final value."""
+    plan_path = study_dir / "study.json"
+    if not plan_path.is_file():
+        return runs, []
+    planned = {r["name"]: r["steps"] for r in json.loads(plan_path.read_text(encoding="utf-8")).get("runs", [])}
+    done, unfinished = [], []
+    for run in runs:
+        last = max((row["step"] for row in run.metrics), default=0)
+        if run.name in planned and last < planned[run.name]:
+            unfinished.append(run.name)
+        else:
+            done.append(run)
+    return done, unfinished
+
+
 def write_study_report(study_dir: str | Path, out: str | Path, *, title: str = "Measured sharpness study",
                        figures: bool = True, simulated: str | Path | None = None,
                        options: AnalysisOptions | None = None) -> Path:
@@ -89,7 +106,10 @@ def write_study_report(study_dir: str | Path, out: str | Path, *, title: str = "
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a directory; choose another --out")
     runs_dir = study_dir / "runs" if (study_dir / "runs").is_dir() else study_dir
-    analysis = analyze_runs(read_study(runs_dir), options)
+    runs, unfinished = finished_runs(study_dir, read_study(runs_dir))
+    if not runs:
+        raise UserError(f"no finished runs under '{runs_dir}' yet; let sharpscope study finish some runs first")
+    analysis = analyze_runs(runs, options)
     sim = summary_of(simulated) if simulated else simulated_summary()
     rows = compare_summaries(sim, _clean(analysis.summary))
     sections = [("comparison", "The simulated study's claims on measured runs", comparison_html(rows))]
@@ -101,6 +121,9 @@ def write_study_report(study_dir: str | Path, out: str | Path, *, title: str = "
             sections.append((anchor, heading, body))
             extra_figures.update(figs)
     grid = _grid_html(study_dir)
+    if unfinished:
+        grid += (f"<p class='note'>Left out of the analysis, not finished yet: {html.escape(', '.join(unfinished))}. "
+                 "Re-run the study command to finish them.</p>")
     if grid:
         sections.append(("grid", "The grid", grid))
     result: ReportResult = write_analysis_report(analysis, out, figures=figures, title=title, sections=sections,

@@ -220,6 +220,9 @@ def _plan_record(cfg: StudyConfig, runs: list[PlannedRun]) -> dict[str, Any]:
                       "tokens": r.tokens} for r in runs]}
 
 
+_OWN_STATE = ("mix", "nexus")
+
+
 def _check_plan(out: Path, record: dict[str, Any], force: bool) -> None:
     """Refuse to mix two different grids in one directory (their runs would not compare)."""
     path = out / PLAN_FILE
@@ -230,9 +233,11 @@ def _check_plan(out: Path, record: dict[str, Any], force: bool) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON; delete it or pass --force to re-plan the study") from None
     stored = _with_current_defaults(StudyConfig, old.get("config", {}))
-    if stored != record["config"]:
-        changed = sorted(k for k in set(stored or {}) | set(record["config"])
-                         if (stored or {}).get(k) != record["config"].get(k))
+    # the mix advisor and the Nexus comparison keep (and check) their own state
+    grid = {k: v for k, v in record["config"].items() if k not in _OWN_STATE}
+    stored = {k: v for k, v in (stored or {}).items() if k not in _OWN_STATE} if stored is not None else None
+    if stored != grid:
+        changed = sorted(k for k in set(stored or {}) | set(grid) if (stored or {}).get(k) != grid.get(k))
         raise UserError(f"'{out}' holds a study planned with other settings (differs in: {', '.join(changed)}); "
                         "use another --out, or pass --force to replace the runs whose settings changed")
 
