@@ -177,3 +177,21 @@ def test_undecidable_runs_make_the_pattern_inconclusive(tmp_path):
     c = claims_of(write_ladder(tmp_path, [1.0, 0.9, 0.8, 0.7, 0.6], shape=gappy))
     assert c["three_phase"]["verdict"] == UNCLEAR
     assert c["three_phase"]["details"]["undecidable"] == 5
+
+
+def test_schedule_cells_the_detector_cannot_read_are_left_out(tmp_path):
+    def run(name, n, schedule, s):
+        rows = [{"step": i, "t": float(t), "sharpness/critical": float(v), "train/loss": 1.0, "train/grad_norm": 1.0}
+                for i, (t, v) in enumerate(zip(T, s))]
+        write_run(tmp_path / name, {"name": name, "model": f"{int(n)}", "n_params": n, "source": "measured",
+                                    "group": "schedules", "schedule": schedule}, rows)
+
+    gappy = three_phase(2.0, 1.0).copy()
+    gappy[::3] = np.nan
+    for n in SIZES[:3]:
+        run(f"{int(n)}-cosine", n, "cosine", three_phase(2.0, 1.0))
+        run(f"{int(n)}-constant", n, "constant", gappy)
+    write_ladder(tmp_path / "ladder", [1.0, 0.9, 0.8, 0.7, 0.6])
+    claims = claims_of(tmp_path)
+    preserved = claims["schedule_pattern"]["details"]["preserved"]
+    assert set(preserved) == {"cosine@smallest", "cosine@middle", "cosine@largest"}  # constant cells unreadable
