@@ -5,6 +5,7 @@ scipy computed directly."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -195,3 +196,16 @@ def test_schedule_cells_the_detector_cannot_read_are_left_out(tmp_path):
     claims = claims_of(tmp_path)
     preserved = claims["schedule_pattern"]["details"]["preserved"]
     assert set(preserved) == {"cosine@smallest", "cosine@middle", "cosine@largest"}  # constant cells unreadable
+
+
+def test_negative_coupling_does_not_hold(tmp_path):
+    # gradient norm falling while sharpness rises: within-run r < 0 at every size
+    finals = [2.0 - 0.2 * math.log10(n) for n in SIZES]
+    root = write_ladder(tmp_path, finals)
+    for run_dir in root.iterdir():
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        for row in lines:
+            row["train/grad_norm"] = 5.0 - row["sharpness/critical"]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    c = claims_of(root)
+    assert c["coupling_grows"]["verdict"] == FAILS

@@ -221,9 +221,13 @@ def evaluate_claims(a: "StudyAnalysis") -> list[Claim]:
     # sharpness–gradient-norm coupling grows with scale
     coupling = _model_means(models, lambda r: r.r_grad)
     r, p, n = pearson_test(log_n, coupling)
+    mean_coupling = float(np.nanmean(coupling)) if np.isfinite(coupling).any() else math.nan
+    # a negative coupling rising toward 0 is a weakening link, not a tightening one
+    verdict = FAILS if (math.isfinite(mean_coupling) and mean_coupling <= 0) else signed_verdict(r, p, +1)
     claims.append(Claim(
         "coupling_grows", "Within a run, sharpness follows the gradient norm, more tightly at larger scale.",
-        "Pearson r(within-run r(sharpness, grad norm), log10 N)", r, signed_verdict(r, p, +1),
+        "Pearson r(within-run r(sharpness, grad norm), log10 N), positive with p < 0.05, and a positive mean "
+        "coupling (fails when the mean coupling is ≤ 0)", r, verdict,
         f"coupling {_fmt(float(coupling[0]))} → {_fmt(float(coupling[-1]))} (mean {_fmt(float(np.nanmean(coupling)) if np.isfinite(coupling).any() else math.nan)}); r {_fmt(r)}, {_p(p)}",
         p_value=p, n=n, details={"coupling": dict(zip([g[0].run.model for g in models], coupling.tolist()))}))
 
