@@ -43,7 +43,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.6em 0;display:block;overf
 th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}figure{margin:1.2em 0}
 img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
-.headline td{text-align:left}.note{color:#666;font-size:.9em}
+.headline td{text-align:left}.claims td{text-align:left;vertical-align:top}.note{color:#666;font-size:.9em}
 """
 
 
