@@ -338,3 +338,25 @@ def test_report_renders_in_a_browser(kind, tiny_study, tmp_path):
     shot = tmp_path / "report.png"
     _screenshot(_chromium(), report, shot)
     assert shot.stat().st_size > 10_000 and not _is_blank(shot)
+
+
+def test_study_under_torchrun_matches_one_process(tiny_study, tmp_path):
+    """Two gloo processes walk the same grid and train every run together (DDP): the runs
+    are the single-process runs on the same global batches."""
+    import os
+    import subprocess
+    import sys
+
+    grid = ['sizes=["1x8","1x16","1x24"]', "seeds=[0]", 'schedules=["cosine"]']
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sharpscope", "study", "--out", str(out), "--no-progress", "--no-report", *TINY, *grid]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("1x8-cosine-s0", "1x16-cosine-s0", "1x24-cosine-s0"):
+        a, b = rows(tiny_study / "runs" / name), rows(out / "runs" / name)
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        for ra, rb in zip(a, b):
+            for key in ("train/loss", "eval/loss"):
+                if key in ra:
+                    assert rb[key] == pytest.approx(ra[key], rel=1e-4), (name, ra["step"], key)
