@@ -209,3 +209,30 @@ def test_negative_coupling_does_not_hold(tmp_path):
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     c = claims_of(root)
     assert c["coupling_grows"]["verdict"] == FAILS
+
+
+def test_median_final_resists_an_outlier(tmp_path):
+    from sharpscope.analysis.study import AnalysisOptions
+
+    finals = [2.0 - 0.2 * math.log10(n) for n in SIZES]
+    root = write_ladder(tmp_path, finals)
+    run_dir = root / f"{int(SIZES[0])}-s0"
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines[-3]["sharpness/critical"] = 1e4  # one wild measurement in the final window
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    mean = analyze_runs(read_study(root)).summary
+    median = analyze_runs(read_study(root), AnalysisOptions(final_statistic="median")).summary
+    assert mean["claims"]["loglinear_law"]["verdict"] != HOLDS
+    assert median["claims"]["loglinear_law"]["verdict"] == HOLDS
+    assert median["final_statistic"] == "median"
+
+
+def test_final_value_statistics():
+    from sharpscope.analysis.phases import final_value
+
+    v = [1.0] * 90 + [1.0, 2.0, 3.0, 100.0, 4.0, 5.0, 6.0, 7.0, 8.0, float("nan")]
+    tail = np.array([x for x in v if np.isfinite(x)])[-10:]
+    assert final_value(v) == pytest.approx(tail.mean())
+    assert final_value(v, statistic="median") == pytest.approx(np.median(tail))
+    with pytest.raises(ValueError):
+        final_value(v, statistic="mode")

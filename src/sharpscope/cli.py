@@ -72,12 +72,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _analyze(study: Path, out: Path, *, figures: bool = True, metric: str | None = None,
              pac_m: float = 1e5, pac_delta: float = 0.05, extrapolate: list[float] | None = None,
-             title: str = "sharpscope study report") -> int:
+             title: str = "sharpscope study report", final: str = "mean") -> int:
     from .analysis.study import DEFAULT_EXTRAPOLATION, SHARPNESS, AnalysisOptions
     from .report.build import write_report
 
     opts = AnalysisOptions(metric=metric or SHARPNESS, pac_m=pac_m, pac_delta=pac_delta,
-                           extrapolate=tuple(extrapolate or DEFAULT_EXTRAPOLATION))
+                           extrapolate=tuple(extrapolate or DEFAULT_EXTRAPOLATION), final_statistic=final)
     t0 = time.perf_counter()
     result = write_report(study, out, figures=figures, options=opts, title=title)
     s = result.analysis.summary
@@ -94,7 +94,7 @@ def _analyze(study: Path, out: Path, *, figures: bool = True, metric: str | None
 def cmd_analyze(args: argparse.Namespace) -> int:
     return _analyze(Path(args.study), Path(args.out), figures=not args.no_figures, metric=args.metric,
                     pac_m=args.pac_m, pac_delta=args.pac_delta,
-                    extrapolate=_float_list(args.extrapolate) if args.extrapolate else None)
+                    extrapolate=_float_list(args.extrapolate) if args.extrapolate else None, final=args.final)
 
 
 # --- fit -------------------------------------------------------------------------------
@@ -305,7 +305,10 @@ def cmd_study(args: argparse.Namespace) -> int:
         return 0
     from .report.study import write_study_report
 
-    report = write_study_report(out, out / "report", title=f"Measured sharpness study: {cfg.name}")
+    from .analysis.study import AnalysisOptions
+
+    report = write_study_report(out, out / "report", title=f"Measured sharpness study: {cfg.name}",
+                                options=AnalysisOptions(final_statistic=args.final))
     print(f"[study] report: {report}")
     return 0
 
@@ -414,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--pac-m", type=float, default=1e5, help="PAC-Bayes sample count m")
     a.add_argument("--pac-delta", type=float, default=0.05, help="PAC-Bayes confidence delta")
     a.add_argument("--extrapolate", help="sizes to extrapolate to when the study has none, e.g. 13B,30B,70B")
+    a.add_argument("--final", choices=("mean", "median"), default="mean",
+                   help="summary of the last 10%% of points: mean (the simulated study's) or median (robust)")
     a.set_defaults(func=cmd_analyze)
 
     f = sub.add_parser("fit", help="fit a table of model size against sharpness")
@@ -478,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--plan", action="store_true", help="print the grid (sizes, steps, tokens) and exit")
     st.add_argument("--no-report", action="store_true", help="train only; analyse later with sharpscope analyze")
     st.add_argument("--no-progress", action="store_true", help="no progress line")
+    st.add_argument("--final", choices=("mean", "median"), default="mean",
+                    help="summary of each run's last 10%% of points in the report (median: robust to outliers)")
     st.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. seeds=[0] train.optim.lr=1e-3")
     st.set_defaults(func=cmd_study)
 

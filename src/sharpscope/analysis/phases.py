@@ -32,14 +32,20 @@ PHASE_WINDOWS = ((0.0, 0.2), (0.2, 0.6), (0.6, 1.0 + 1e-9))
 """Fixed windows for phase means: t < 0.2, 0.2 <= t < 0.6, t >= 0.6."""
 
 
-def final_value(values, fraction: float = TAIL_FRACTION) -> float:
-    """Mean of the last ``fraction`` of the finite values (at least one point)."""
+FINAL_STATISTICS = ("mean", "median")
+
+
+def final_value(values, fraction: float = TAIL_FRACTION, statistic: str = "mean") -> float:
+    """Mean (or median, robust to heavy-tailed measurements) of the last ``fraction`` of
+    the finite values (at least one point)."""
+    if statistic not in FINAL_STATISTICS:
+        raise ValueError(f"statistic must be one of {FINAL_STATISTICS}, got {statistic!r}")
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return float("nan")
     k = max(1, int(round(fraction * v.size)))
-    return float(np.mean(v[-k:]))
+    return float(np.mean(v[-k:]) if statistic == "mean" else np.median(v[-k:]))
 
 
 def peak_value(values) -> float:

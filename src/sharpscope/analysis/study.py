@@ -45,6 +45,9 @@ class AnalysisOptions:
     extrapolate: tuple[float, ...] = DEFAULT_EXTRAPOLATION
     """Sizes to extrapolate to when the study has no extrapolation runs."""
     early_horizons: tuple[float, ...] = (0.1, 0.2)
+    final_statistic: str = "mean"
+    """How the final window (last 10% of points) is summarised: "mean" (the simulated
+    study's definition) or "median" (robust to the heavy tails of measured λ_c)."""
 
 
 @dataclass
@@ -123,10 +126,10 @@ def summarize_run(run: Run, opts: AnalysisOptions) -> RunSummary:
     for name, key in MEASURES.items():
         t_m, values = (t, s) if key == opts.metric else run.series(key)
         if values.size:
-            measure_finals[name] = final_value(values)
+            measure_finals[name] = final_value(values, statistic=opts.final_statistic)
             measure_r[name] = _correlation(t, s, t_m, values)
     return RunSummary(
-        run=run, t=t, sharpness=s, peak=peak_value(s), final=final_value(s),
+        run=run, t=t, sharpness=s, peak=peak_value(s), final=final_value(s, statistic=opts.final_statistic),
         final_loss=final_value(loss) if loss.size else float("nan"), accuracy=accuracy,
         phases=detect_three_phase(t, s), phase_means=phase_means(t, s),
         r_loss=_correlation(t, s, t_loss, loss), r_grad=_correlation(t, s, t_grad, grad),
@@ -317,7 +320,7 @@ def analyze_runs(runs: list[Run], opts: AnalysisOptions | None = None) -> StudyA
         c[0] += bool(row["three_phase"])
         c[1] += 1
     out.summary = {
-        "n_runs": len(summaries), "metric": opts.metric,
+        "n_runs": len(summaries), "metric": opts.metric, "final_statistic": opts.final_statistic,
         "sources": sorted({str(r.run.config.get("source")) for r in summaries}),
         "scaling_law": fit.as_dict(),
         "r_final_sharpness_accuracy": pearson(finals, mean_acc),

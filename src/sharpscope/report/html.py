@@ -100,7 +100,7 @@ def render_html(a: StudyAnalysis, figures: dict[str, Path], title: str = "sharps
                 sections: list[tuple[str, str, str]] | None = None) -> str:
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             f"<p class='note'>Metric: <code>{html.escape(a.options.metric)}</code>. Final value = mean of the "
+             f"<p class='note'>Metric: <code>{html.escape(a.options.metric)}</code>. Final value = {a.options.final_statistic} of the "
              "last 10% of logged points; peak = maximum; phase windows t &lt; 0.2, 0.2 ≤ t &lt; 0.6, t ≥ 0.6.</p>",
              "<h2>Headline</h2><table class='headline'><tbody>"]
     parts += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _headline(a)]
