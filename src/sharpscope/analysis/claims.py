@@ -134,7 +134,7 @@ def evaluate_claims(a: "StudyAnalysis") -> list[Claim]:
     claims: list[Claim] = []
 
     # three phases (runs the detector cannot decide, too many non-finite points, are left out)
-    decidable = [r for r in scale_runs if r.phases.preserved or "non-finite" not in r.phases.reason]
+    decidable = [r for r in scale_runs if r.phases.decidable]
     k = sum(r.phases.preserved for r in decidable)
     undecided = len(scale_runs) - len(decidable)
     reasons = sorted({r.phases.reason for r in scale_runs if r.phases.reason})
@@ -328,9 +328,8 @@ def schedule_cells(a: "StudyAnalysis") -> dict[str, dict[str, Any]]:
         key = f"{name}@{_scale_rank(r.run.n_params, sizes)}"
         c = cells.setdefault(key, {"schedule": name, "scale": _scale_rank(r.run.n_params, sizes),
                                    "model": r.run.model, "preserved": [], "spikes": [], "ratio": []})
-        decidable = r.phases.preserved or "non-finite" not in r.phases.reason
-        c["preserved"].append(bool(r.phases.preserved) if decidable else None)
-        c["spikes"].append(int(r.phases.n_spikes) if decidable else None)
+        c["preserved"].append(bool(r.phases.preserved) if r.phases.decidable else None)
+        c["spikes"].append(int(r.phases.n_spikes) if r.phases.decidable else None)
         base = cosine.get(r.run.n_params)
         c["ratio"].append(r.final / float(np.mean(base)) if base else math.nan)
     for c in cells.values():  # None: no run of the cell was decidable (too many failed measurements)

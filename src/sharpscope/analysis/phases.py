@@ -90,6 +90,9 @@ class PhaseResult:
     plateau: float = float("nan")
     start: float = float("nan")
     n_spikes: int = 0
+    decidable: bool = True
+    """False when too many points are non-finite to read the series at all (failed
+    measurements), as opposed to a readable series without the pattern."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -108,7 +111,7 @@ def detect_three_phase(t, values, *, smooth_fraction: float = 0.05, edge: float 
     if v.size == 0 or finite.sum() < min_points:
         return PhaseResult(False, f"too few finite points ({int(finite.sum())} < {min_points})")
     if 1 - finite.mean() > max_missing:
-        return PhaseResult(False, f"{100 * (1 - finite.mean()):.0f}% of the points are non-finite")
+        return PhaseResult(False, f"{100 * (1 - finite.mean()):.0f}% of the points are non-finite", decidable=False)
     order = np.argsort(t[finite], kind="stable")
     t, v = t[finite][order], v[finite][order]
     # Rescale before differencing so that huge but finite t cannot overflow the span.
