@@ -212,6 +212,10 @@ def test_changed_settings_refused_then_forced(tiny_study, tmp_path, capsys):
     result = run_study(tiny_config("seeds=[0,1,2]"), out, progress=False, force=True)
     assert sorted(result.ran) == ["1x16-cosine-s2", "1x24-cosine-s2", "1x8-cosine-s2"]
     assert len(result.skipped) == 7
+    # a changed training setting retrains every run it touches, finished ones included
+    result = run_study(tiny_config("seeds=[0,1,2]", "train.optim.lr=1e-3"), out, progress=False, force=True)
+    assert len(result.ran) == 10 and not result.skipped
+    assert json.loads((out / "runs" / "1x8-cosine-s0" / "config.json").read_text())["train"]["optim"]["lr"] == 1e-3
 
 
 def test_shards_cover_the_grid(tmp_path):

@@ -328,14 +328,9 @@ def run_study(cfg: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0,
         mine = [r for i, r in enumerate(runs) if i % count == index]
         result = StudyResult(out=out, runs=runs)
         states = {r.name: run_state(run_dir(out, r), r.steps) for r in mine}
-        if force:
-            states = {name: ("done" if s == "done" and _same_settings(run_dir(out, r), r) else s)
-                      for (name, s), r in zip(states.items(), mine)}
+        if force:  # a run trained with other settings starts over (the loop below clears its folder)
             for r in mine:
-                if states[r.name] == "done":
-                    continue
-                if not _same_settings(run_dir(out, r), r) and run_dir(out, r).exists() and lead:
-                    shutil.rmtree(run_dir(out, r))
+                if states[r.name] != "fresh" and not _same_settings(run_dir(out, r), r):
                     states[r.name] = "fresh"
         done_cost = sum(r.cost for r in mine if states[r.name] == "done")
         bar = _GridProgress(mine, done_cost, enabled=progress and lead)
