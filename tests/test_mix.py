@@ -22,7 +22,7 @@ from sharpscope.training.config import TrainConfig
 from sharpscope.training.mix import (MixConfig, MixStreams, MixStudyConfig, checkpoint_lr, crossing_summary,
                                      find_crossings, fine_tune, load_for_mix, mix_direction, mix_sweep,
                                      n_pretrain_rows, read_result, run_mix_study, trade_off, validate_mix)
-from sharpscope.training.measure import _run_config
+from sharpscope.training.measure import checkpoint_config
 from sharpscope.training.trainer import build_optimizer, lm_loss, plain_optimizer, train
 
 TINY = ["progress=false", "model.preset=nano", "model.block_size=32", "data.batch_size=4",
@@ -53,7 +53,7 @@ def streams() -> MixStreams:
 
 def restored(checkpoint: Path):
     """(config, model, the optimizer that takes the steps, lr) at the checkpoint."""
-    config = _run_config(checkpoint)
+    config = checkpoint_config(checkpoint)
     model, wrapper, state = load_for_mix(checkpoint, config, 256)
     return config, model, plain_optimizer(wrapper), checkpoint_lr(config, int(state["step"]))
 

@@ -72,6 +72,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_png(fig: Any, path: str | Path, dpi: int = 90) -> Path:
+    """Save a matplotlib figure as PNG through :func:`atomic_write_bytes`, then close it
+    (every figure sharpscope writes goes through here)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
 def metrics_line(row: dict[str, Any]) -> str:
     return json.dumps(_clean(row), separators=(",", ":"), allow_nan=False)
 

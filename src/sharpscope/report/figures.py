@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..analysis.study import GRAD_NORM, LOSS, MEASURES, StudyAnalysis, _by_model  # noqa: E402
-from ..runs import atomic_write_bytes  # noqa: E402
+from ..runs import atomic_write_png  # noqa: E402
 
 DPI = 90
 
@@ -312,18 +312,11 @@ FIGURES: dict[str, Callable[[StudyAnalysis], object]] = {
 
 def write_figures(a: StudyAnalysis, out: Path) -> dict[str, Path]:
     """Render every figure that has data; returns name -> PNG path."""
-    import io
-
     folder = Path(out) / "figures"
     written = {}
     for name, make in FIGURES.items():
         fig = make(a)
         if fig is None:
             continue
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-        plt.close(fig)
-        path = folder / f"{name}.png"
-        atomic_write_bytes(path, buf.getvalue())
-        written[name] = path
+        written[name] = atomic_write_png(fig, folder / f"{name}.png", DPI)
     return written

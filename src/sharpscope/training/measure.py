@@ -20,7 +20,8 @@ from .config import TrainConfig
 from .trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
 
 
-def _run_config(checkpoint: Path) -> TrainConfig:
+def checkpoint_config(checkpoint: Path) -> TrainConfig:
+    """The TrainConfig of the run a checkpoint folder (RUN/checkpoints/stepN) belongs to."""
     config_file = checkpoint.parent.parent / "config.json"
     if not config_file.is_file():
         raise UserError(f"no config.json two levels above '{checkpoint}'; give a checkpoints/stepNNNNNNNN folder of a run")
@@ -38,7 +39,7 @@ def measure_checkpoint(checkpoint: Path, data: str, *, batch_size: int = 16, n_b
     if batch_size < 1 or n_batches < 1:
         raise UserError("--batch-size and --batches must be at least 1")
     read_state(checkpoint)  # checksums first: a corrupt checkpoint is named before anything loads
-    config = _run_config(checkpoint)
+    config = checkpoint_config(checkpoint)
     run_dir = checkpoint.parent.parent
     if config.data.tokenizer != "bytes" and not (run_dir / TOKENIZER_FILE).is_file():
         raise UserError(f"{run_dir / TOKENIZER_FILE} is missing; the run's tokenizer is needed to measure it")

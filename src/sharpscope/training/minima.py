@@ -33,7 +33,7 @@ import torch
 from ..errors import UserError
 from . import data as data_lib
 from .checkpoint import load_checkpoint, read_state
-from .measure import _run_config
+from .measure import checkpoint_config
 from .trainer import TOKENIZER_FILE, build_model, lm_loss, make_run_tokenizer
 
 __all__ = ["MinimaDistance", "minima_distance", "pair_name"]
@@ -191,7 +191,7 @@ def minima_distance(checkpoint_dir: str | Path, sources: Sequence[str] | None = 
     if isinstance(segment_points, bool) or not isinstance(segment_points, int) or segment_points < 2:
         raise UserError(f"segment_points must be a whole number >= 2 (the two ends at least), got {segment_points!r}")
     state = read_state(checkpoint)  # checksums first: a corrupt checkpoint is named before anything loads
-    config = _run_config(checkpoint)
+    config = checkpoint_config(checkpoint)
     run_dir = checkpoint.parent.parent
     if config.data.tokenizer != "bytes" and not (run_dir / TOKENIZER_FILE).is_file():
         raise UserError(f"{run_dir / TOKENIZER_FILE} is missing; the run's tokenizer is needed to fine-tune it")

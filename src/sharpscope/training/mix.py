@@ -63,10 +63,11 @@ from ..curvature import CriticalSharpnessResult, DirectionCapture, NonFiniteLoss
 from ..curvature._evaluate import Objective
 from ..curvature._state import OptimizerStateGuard, StateGuard, trainable_parameters
 from ..errors import UserError
-from ..runs import _clean, atomic_write_bytes, atomic_write_text
+from ..runs import _clean, atomic_write_png, atomic_write_text
 from . import data as data_lib
 from .checkpoint import list_checkpoints, load_checkpoint, read_state
 from .config import TrainConfig
+from .measure import checkpoint_config
 from .model import PRESETS
 from .trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
 
@@ -650,7 +651,7 @@ def draw_sweep_figure(result: Mapping[str, Any], path: Path) -> Path:
     ax.set_title(title)
     ax.legend(fontsize=7.5, loc="best")
     ax.grid(alpha=0.25, which="both")
-    return _save(fig, path)
+    return atomic_write_png(fig, path, DPI)
 
 
 def _value_at(alphas, values, alpha: float) -> float | None:
@@ -728,17 +729,7 @@ def draw_validation_figure(result: Mapping[str, Any], path: Path) -> Path | None
     right.legend(fontsize=7.5)
     right.grid(alpha=0.25)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return atomic_write_png(fig, path, DPI)
 
 
 # --------------------------------------------------------------------------- files
@@ -814,12 +805,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
-def _run_config(checkpoint: Path) -> TrainConfig:
-    from .measure import _run_config as read
-
-    return read(checkpoint)
-
-
 def _run_tokenizer(config: TrainConfig, run_dir: Path):
     if config.data.tokenizer != "bytes" and not (run_dir / TOKENIZER_FILE).is_file():
         raise UserError(f"{run_dir / TOKENIZER_FILE} is missing; the run's tokenizer is needed to tokenize the sources")
@@ -874,7 +859,7 @@ def run_mix(checkpoint: str | Path, pretrain: Sequence[str] | str, finetune: str
         raise UserError(f"--finetune takes one source, got '{finetune}'")
     checkpoint = resolve_checkpoint(checkpoint)
     state = read_state(checkpoint)  # checksums first: a corrupt checkpoint is named before anything loads
-    config = _run_config(checkpoint)
+    config = checkpoint_config(checkpoint)
     run_dir = checkpoint.parent.parent
     tokenizer = _run_tokenizer(config, run_dir)
     block = config.model.block_size

@@ -28,7 +28,6 @@ settings, the stored result is reused and only missing figures are redrawn.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import shutil
@@ -39,7 +38,7 @@ from typing import Any, Callable
 from .grid import parse_shape, run_state
 from ..config import from_dict, to_dict
 from ..errors import UserError
-from ..runs import CONFIG_FILE, _clean, atomic_write_bytes, atomic_write_text, read_run
+from ..runs import CONFIG_FILE, _clean, atomic_write_png, atomic_write_text, read_run
 from .checkpoint import list_checkpoints
 from .config import TrainConfig
 from .minima import MEAN, minima_distance
@@ -335,11 +334,7 @@ def _write_figures(record: dict[str, Any], nexus_dir: Path, *, only_missing: boo
         out[name] = path
         if only_missing and path.is_file() and path.stat().st_size > 0:
             continue
-        fig = makers[name](plt, record)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_png(makers[name](plt, record), path)
     return out
 
 
