@@ -161,16 +161,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 # --- train / measure -------------------------------------------------------------------
 
-def _train_config(args: argparse.Namespace):
-    from .config import load_config
-    from .training.config import TrainConfig
-
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The optional CONFIG.toml and the KEY=VALUE overrides of a command that takes both."""
     overrides = list(args.overrides)
     config_path = args.config
     if config_path and "=" in config_path and not Path(config_path).exists():
         # no config file given: argparse put the first KEY=VALUE override in its place
         overrides.insert(0, config_path)
         config_path = None
+    return config_path, overrides
+
+
+def _train_config(args: argparse.Namespace):
+    from .config import load_config
+    from .training.config import TrainConfig
+
+    config_path, overrides = _config_and_overrides(args)
     for flag, key in (("steps", "steps"), ("seed", "seed"), ("monitor_every", "monitor.every"),
                       ("checkpoint_every", "checkpoint.every"), ("optimizer", "optim.name"), ("rho", "optim.rho"),
                       ("phi", "optim.phi"), ("inner_steps", "optim.inner_steps"), ("inner_lr", "optim.inner_lr")):
@@ -283,11 +289,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .config import load_config
     from .training.study import StudyConfig, plan_study, run_study
 
-    overrides = list(args.overrides)
-    config_path = args.config
-    if config_path and "=" in config_path and not Path(config_path).exists():
-        overrides.insert(0, config_path)
-        config_path = None
+    config_path, overrides = _config_and_overrides(args)
     cfg = load_config(StudyConfig, config_path, overrides)
     out = Path(args.out)
     if args.plan:
