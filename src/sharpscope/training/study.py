@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from ..config import from_dict, to_dict
 from ..errors import UserError
-from ..runs import CONFIG_FILE, METRICS_FILE, atomic_write_text
+from ..runs import CONFIG_FILE, atomic_write_text
 from .grid import parse_shape, run_state
 from .config import TrainConfig
 from .mix import MixStudyConfig, run_mix_study
@@ -384,12 +384,3 @@ def _same_settings(path: Path, run: PlannedRun) -> bool:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     return _with_current_defaults(TrainConfig, stored) == to_dict(run.config)
-
-
-def study_config_from(data: dict[str, Any]) -> StudyConfig:
-    return from_dict(StudyConfig, data)
-
-
-def finished_runs(out: Path) -> list[Path]:
-    """Run directories under OUT/runs whose metrics exist (for the analysis)."""
-    return sorted(p.parent for p in (out / "runs").glob(f"*/{METRICS_FILE}"))
