@@ -364,3 +364,13 @@ def test_study_under_torchrun_matches_one_process(tiny_study, tmp_path):
             for key in ("train/loss", "eval/loss"):
                 if key in ra:
                     assert rb[key] == pytest.approx(ra[key], rel=1e-4), (name, ra["step"], key)
+
+
+def test_report_names_a_corrupt_plan(tiny_study, tmp_path):
+    from sharpscope.report.study import write_study_report
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_study, out)
+    (out / "study.json").write_text("{not json")
+    with pytest.raises(UserError, match="study.json is not a study plan"):
+        write_study_report(out, tmp_path / "report", figures=False)

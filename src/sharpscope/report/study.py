@@ -64,35 +64,33 @@ def comparison_html(rows: list[dict[str, Any]]) -> str:
     return head + "".join(body)
 
 
-def _grid_html(study_dir: Path) -> str:
-    plan_path = study_dir / "study.json"
-    if not plan_path.is_file():
+def read_plan(study_dir: Path) -> list[dict[str, Any]]:
+    """The planned runs of a study (study.json), or [] for a plain directory of runs."""
+    path = Path(study_dir) / "study.json"
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("runs", [])
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{path} is not a study plan; re-run sharpscope study with the same config to rewrite it") from None
+
+
+def _grid_html(plan: list[dict[str, Any]], unfinished: list[str]) -> str:
+    if not plan:
         return ""
-    plan = json.loads(plan_path.read_text(encoding="utf-8"))
-    rows = []
-    for r in plan.get("runs", []):
-        run_dir = study_dir / "runs" / r["name"]
-        rows.append({"run": r["name"], "n_params": r["n_params"], "seed": r["seed"], "schedule": r["schedule"],
-                     "steps": r["steps"], "tokens": r["tokens"], "groups": ",".join(r["groups"]),
-                     "finished": (run_dir / "metrics.jsonl").is_file()})
+    rows = [{"run": r["name"], "n_params": r["n_params"], "seed": r["seed"], "schedule": r["schedule"],
+             "steps": r["steps"], "tokens": r["tokens"], "groups": ",".join(r["groups"]),
+             "finished": r["name"] not in unfinished} for r in plan]
     return "<p class='note'>The grid as planned (study.json).</p>" + table_html(rows)
 
 
-def finished_runs(study_dir: Path, runs: list) -> tuple[list, list[str]]:
-    """The runs that reached their planned last step (study.json), and the names of the
-    rest: a run still training would bias every final value."""
-    plan_path = study_dir / "study.json"
-    if not plan_path.is_file():
-        return runs, []
-    planned = {r["name"]: r["steps"] for r in json.loads(plan_path.read_text(encoding="utf-8")).get("runs", [])}
-    done, unfinished = [], []
-    for run in runs:
-        last = max((row["step"] for row in run.metrics), default=0)
-        if run.name in planned and last < planned[run.name]:
-            unfinished.append(run.name)
-        else:
-            done.append(run)
-    return done, unfinished
+def finished_runs(plan: list[dict[str, Any]], runs: list) -> tuple[list, list[str]]:
+    """The runs that reached their planned last step, and the names of the rest (planned
+    runs still training or not started): a run still training would bias every final value."""
+    planned = {r["name"]: r["steps"] for r in plan}
+    done = [run for run in runs if max((row["step"] for row in run.metrics), default=0) >= planned.get(run.name, 0)]
+    names = {run.name for run in done}
+    return done, [name for name in planned if name not in names]
 
 
 def write_study_report(study_dir: str | Path, out: str | Path, *, title: str = "Measured sharpness study",
@@ -106,7 +104,8 @@ def write_study_report(study_dir: str | Path, out: str | Path, *, title: str = "
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a directory; choose another --out")
     runs_dir = study_dir / "runs" if (study_dir / "runs").is_dir() else study_dir
-    runs, unfinished = finished_runs(study_dir, read_study(runs_dir))
+    plan = read_plan(study_dir)
+    runs, unfinished = finished_runs(plan, read_study(runs_dir))
     if not runs:
         raise UserError(f"no finished runs under '{runs_dir}' yet; let sharpscope study finish some runs first")
     analysis = analyze_runs(runs, options)
@@ -120,7 +119,7 @@ def write_study_report(study_dir: str | Path, out: str | Path, *, title: str = "
             body, figs = block
             sections.append((anchor, heading, body))
             extra_figures.update(figs)
-    grid = _grid_html(study_dir)
+    grid = _grid_html(plan, unfinished)
     if unfinished:
         grid += (f"<p class='note'>Left out of the analysis, not finished yet: {html.escape(', '.join(unfinished))}. "
                  "Re-run the study command to finish them.</p>")
