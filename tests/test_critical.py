@@ -179,12 +179,15 @@ def test_update_direction_of_sgd_and_adam_first_step():
     assert len(adam.state) == 0  # the step was undone
 
 
-def test_direction_capture_uses_each_groups_lr():
+def test_direction_capture_divides_every_group_by_one_reference_lr():
+    # With groups at different lrs, d must stay parallel to the step actually taken, so
+    # that θ − lr·d is the optimizer's own step (per-group division would bend the line).
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).double()
     x = torch.randn(8, 3, dtype=torch.float64)
     model(x).pow(2).mean().backward()
     grads = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD([
         {"params": model[0].parameters(), "lr": 0.1},
         {"params": model[1].parameters(), "lr": 0.01},
@@ -192,8 +195,79 @@ def test_direction_capture_uses_each_groups_lr():
     with DirectionCapture(model, opt) as capture:
         opt.step()
     assert capture.lr == 0.1
-    for d, g in zip(capture.direction, grads):
-        assert torch.allclose(d, g, rtol=1e-9, atol=1e-12)
+    scales = [1.0, 1.0, 0.1, 0.1]  # group 1 moved by 0.01·g = 0.1·(0.1·g)
+    for d, g, s in zip(capture.direction, grads, scales):
+        assert torch.allclose(d, s * g, rtol=1e-9, atol=1e-12)
+    for b, p, d in zip(before, model.parameters(), capture.direction):
+        assert torch.allclose(b - capture.lr * d, p.detach(), rtol=0, atol=1e-15)
+
+
+def test_direction_capture_reference_lr_skips_frozen_groups():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).double()
+    opt = torch.optim.SGD([
+        {"params": model[0].parameters(), "lr": 0.0},  # frozen by lr = 0
+        {"params": model[1].parameters(), "lr": 0.05},
+    ])
+    model(torch.randn(8, 3, dtype=torch.float64)).pow(2).mean().backward()
+    with DirectionCapture(model, opt) as capture:
+        opt.step()
+    assert capture.lr == 0.05
+    assert all(float(d.abs().max()) == 0.0 for d in capture.direction[:2])
+
+
+class _SignMomentum(torch.optim.Optimizer):
+    """A custom optimizer (sign of a momentum buffer, its own state and hyperparameters)
+    written here so capture is checked against something it cannot know the formula of."""
+
+    def __init__(self, params, lr, beta=0.9):
+        super().__init__(params, {"lr": lr, "beta": beta})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("buf", torch.zeros_like(p))
+                buf.mul_(group["beta"]).add_(p.grad)
+                p.add_(buf.sign(), alpha=-group["lr"])
+
+
+def test_direction_capture_works_with_a_custom_optimizer():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+    opt = _SignMomentum(model.parameters(), lr=0.03)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    expected_buf = [torch.zeros_like(p) for p in model.parameters()]
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        for b, p in zip(expected_buf, model.parameters()):
+            b.mul_(0.9).add_(p.grad)
+        with DirectionCapture(model, opt) as capture:
+            opt.step()
+        assert capture.lr == 0.03
+        for d, b in zip(capture.direction, expected_buf):
+            assert torch.allclose(d, b.sign(), rtol=0, atol=1e-12)
+
+
+def test_direction_capture_refuses_a_group_without_lr():
+    class NoLr(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"step_size": 0.1})
+
+        def step(self):
+            pass
+
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="no 'lr'.*lr=") as info:
+        with DirectionCapture(model, NoLr(model.parameters())):
+            pass
+    assert "\n" not in str(info.value)
+    with DirectionCapture(model, NoLr(model.parameters()), lr=0.1) as capture:
+        pass
+    assert capture.lr == 0.1
 
 
 def test_direction_capture_records_nothing_when_the_step_raises():
@@ -360,3 +434,21 @@ def test_result_metrics_use_the_run_format_names():
     uphill = critical_sharpness(model, least_squares_loss, batch, _as_direction(-g))
     assert uphill.status == "not_descent"
     assert uphill.as_metrics()["sharpness/failed/not_descent"] == 1.0
+
+
+def test_fast_answer_never_leaves_the_verified_bracket():
+    # A probe within the rounding band below L0 counts as increased while its f is still
+    # <= 0; the interpolated η_c must not be extrapolated past it.
+    from sharpscope.curvature.critical import _Bracket, _final_eta
+
+    bracket = _Bracket()
+    bracket.add(1.0, (-1e-6, False))
+    bracket.add(1.05, (-1e-7, True))
+    assert bracket.closed(1 / 16)
+    eta = _final_eta(bracket, "fast")
+    assert eta == 1.05  # hi is η_c to rounding: the loss there is L0 within the band
+    # across a real sign change the interpolation stands (exact for a linear f)
+    bracket = _Bracket()
+    bracket.add(1.0, (-1.0, False))
+    bracket.add(1.05, (3.0, True))
+    assert _final_eta(bracket, "fast") == pytest.approx(1.0125)

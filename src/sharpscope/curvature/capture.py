@@ -6,8 +6,12 @@
 
 Nothing about the optimizer's internals is assumed: SGD, Adam, AdamW, the SAM family,
 Nexus or a custom optimizer all work, and decoupled weight decay is part of d because it
-is part of the step. The lr is read from each parameter's group when the block is entered
-(before a scheduler moves it). Cost: one copy of the trainable parameters.
+is part of the step. One reference lr divides the whole step, so θ_after = θ_before − lr·d
+exactly and the line search runs along the step the optimizer took, even when parameter
+groups have different lrs (dividing each group by its own lr would bend the line). The
+reference lr is that of the first parameter group holding a captured parameter with
+lr > 0, read when the block is entered (before a scheduler moves it); it is the lr to
+compare with η_c. Cost: one copy of the trainable parameters.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ class DirectionCapture:
     """Records d = (θ_before − θ_after)/lr around an optimizer step.
 
     ``target`` is a model (its trainable parameters, in ``parameters()`` order) or an
-    iterable of parameters. The lr comes from ``optimizer`` (per parameter group) or from
-    ``lr``. With ``keep_before=True`` the pre-step parameters stay available as
+    iterable of parameters. The reference lr comes from ``optimizer`` (see the module
+    notes) or from ``lr``. With ``keep_before=True`` the pre-step parameters stay available as
     ``.before`` (the monitor measures there); otherwise their copy is turned into the
     direction in place. If the block raises, nothing is recorded.
     """
@@ -57,33 +61,39 @@ class DirectionCapture:
         self.keep_before = keep_before
         self.direction: list[torch.Tensor] | None = None
         self.before: list[torch.Tensor] | None = None
-        self.lrs: list[float] = []
+        self._lr = math.nan
 
-    def _learning_rates(self) -> list[float]:
+    def _reference_lr(self) -> float:
         if self.fixed_lr is not None:
-            lrs = [float(self.fixed_lr)] * len(self.params)
+            lr = float(self.fixed_lr)
         else:
-            by_param = {}
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    by_param[p] = _lr_value(group["lr"])
-            first = _lr_value(self.optimizer.param_groups[0]["lr"])
-            # A parameter outside every group does not move; any lr gives d = 0 for it.
-            lrs = [by_param.get(p, first) for p in self.params]
-        for lr in lrs:
-            if not (math.isfinite(lr) and lr > 0):
-                raise ValueError(
-                    f"cannot capture a direction with learning rate {lr}: d = Δθ/lr needs lr > 0"
-                )
-        return lrs
+            captured = {id(p) for p in self.params}
+            lr = None
+            for i, group in enumerate(self.optimizer.param_groups):
+                if "lr" not in group:
+                    raise ValueError(
+                        f"parameter group {i} of {type(self.optimizer).__name__} has no 'lr'; "
+                        "pass DirectionCapture(..., lr=...) to say which step size d is relative to"
+                    )
+                value = _lr_value(group["lr"])
+                if lr is None and value != 0 and any(id(p) in captured for p in group["params"]):
+                    lr = value
+            if lr is None:
+                # Nothing captured is in a group with a nonzero lr: report the first group's.
+                lr = _lr_value(self.optimizer.param_groups[0]["lr"])
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(
+                f"cannot capture a direction with learning rate {lr}: d = Δθ/lr needs lr > 0"
+            )
+        return lr
 
     @property
     def lr(self) -> float:
-        """The learning rate of the first parameter group (the one reported beside η_c)."""
-        return self.lrs[0]
+        """The reference lr: θ_after = θ_before − lr·d (the lr to compare with η_c)."""
+        return self._lr
 
     def __enter__(self) -> "DirectionCapture":
-        self.lrs = self._learning_rates()
+        self._lr = self._reference_lr()
         self.direction = None
         with torch.no_grad():
             self._start = [p.detach().clone() for p in self.params]
@@ -96,9 +106,7 @@ class DirectionCapture:
         with torch.no_grad():
             if self.keep_before:
                 self.before = start
-                self.direction = [(s - p).div_(lr) for s, p, lr in zip(start, self.params, self.lrs)]
+                self.direction = [(s - p).div_(self._lr) for s, p in zip(start, self.params)]
             else:
                 self.before = None
-                self.direction = [
-                    s.sub_(p).div_(lr) for s, p, lr in zip(start, self.params, self.lrs)
-                ]
+                self.direction = [s.sub_(p).div_(self._lr) for s, p in zip(start, self.params)]

@@ -268,8 +268,11 @@ def _fast_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals, slop
 
 def _final_eta(bracket: _Bracket, method: str) -> float:
     (lo, f_lo), (hi, f_hi) = bracket.lo, bracket.hi
+    # Clamped: a probe within the rounding band below L0 counts as increased with f <= 0
+    # (hi is then η_c to rounding), and the line through it would land past hi; the
+    # answer must stay inside the verified bracket.
     if method == "fast" and math.isfinite(f_hi) and f_hi > f_lo:
-        return lo - f_lo * (hi - lo) / (f_hi - f_lo)
+        return min(max(lo - f_lo * (hi - lo) / (f_hi - f_lo), lo), hi)
     return 0.5 * (lo + hi)
 
 
@@ -456,7 +459,8 @@ def update_direction(
     """The update direction d of an objective at the current θ (a step is θ − lr·d).
 
     Without an optimizer, d is the gradient of the mean loss over ``batch``. With one, d
-    is what ``optimizer.step()`` would do with that gradient, divided by the group's lr:
+    is what ``optimizer.step()`` would do with that gradient, divided by its reference lr
+    (see :class:`DirectionCapture`):
     the step is taken, differenced and undone, and the optimizer's state, the parameters
     and the gradients are restored exactly. Works with any ``torch.optim`` optimizer.
     """
