@@ -426,6 +426,65 @@ def test_bf16_autocast_runs_the_loss_under_autocast():
     assert abs(half.sharpness - full.sharpness) <= 0.25 * full.sharpness
 
 
+def test_autocast_covers_every_device_type_holding_parameters():
+    from sharpscope.curvature._evaluate import device_types
+
+    model = tiny_transformer(seed=1).float()
+    assert device_types(model) == ["cpu"]
+    assert device_types(torch.nn.Module()) == ["cpu"]  # no parameters: the host
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_spread_over_cpu_and_cuda_matches_one_device():
+    # Half the model on the GPU, half on the host: every measure must give what the same
+    # model gives on one device, and autocast must reach both halves.
+    from sharpscope.curvature import hessian_eigenvalues, hessian_trace
+
+    class Split(torch.nn.Module):
+        def __init__(self, first, second):
+            super().__init__()
+            self.first, self.second = first, second
+
+        def forward(self, x):
+            h = torch.tanh(self.first(x.to(self.first.weight.device)))
+            return self.second(h.to(self.second.weight.device))
+
+    torch.manual_seed(0)
+    whole = Split(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)).double()
+    spread = Split(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3).cuda()).double()
+    spread.load_state_dict(whole.state_dict())
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+
+    def loss_fn(m, b):
+        out = m(b[0])
+        return torch.nn.functional.cross_entropy(out, b[1].to(out.device)).to("cpu")
+
+    d_whole = update_direction(whole, loss_fn, (x, y))
+    d_spread = update_direction(spread, loss_fn, (x, y))
+    for a, b in zip(d_whole, d_spread):
+        assert torch.allclose(a, b.cpu(), rtol=1e-10, atol=1e-12)
+    one = critical_sharpness(whole, loss_fn, (x, y), d_whole)
+    two = critical_sharpness(spread, loss_fn, (x, y), d_spread)
+    assert two.sharpness == pytest.approx(one.sharpness, rel=1e-9)
+    lam_one = hessian_eigenvalues(whole, loss_fn, (x, y), k=2).values
+    lam_two = hessian_eigenvalues(spread, loss_fn, (x, y), k=2).values
+    assert np.allclose(lam_two, lam_one, rtol=1e-8)
+    tr_one = hessian_trace(whole, loss_fn, (x, y), method="hutch++", samples=60, seed=3)
+    tr_two = hessian_trace(spread, loss_fn, (x, y), method="hutch++", samples=60, seed=3)
+    assert tr_two.estimate == pytest.approx(tr_one.estimate, rel=1e-8)
+
+    seen = []
+
+    def autocast_loss(m, b):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")))
+        return loss_fn(m, b)
+
+    spread.float()
+    d = update_direction(spread, loss_fn, (x.float(), y))
+    critical_sharpness(spread, autocast_loss, (x.float(), y), d, autocast=torch.bfloat16)
+    assert seen and all(cpu and cuda for cpu, cuda in seen)
+
+
 def test_result_metrics_use_the_run_format_names():
     model, batch, _, g = least_squares_problem()
     result = critical_sharpness(model, least_squares_loss, batch, _as_direction(g))

@@ -45,10 +45,10 @@ def as_batch_list(batches: Any) -> list:
     return [batches]
 
 
-def _device_type(model: torch.nn.Module) -> str:
-    for p in model.parameters():
-        return p.device.type
-    return "cpu"
+def device_types(model: torch.nn.Module) -> list[str]:
+    """The device types holding the model's parameters (a model may span CPU and GPUs)."""
+    types = sorted({p.device.type for p in model.parameters()})
+    return types or ["cpu"]
 
 
 class Objective:
@@ -94,9 +94,10 @@ class Objective:
                 stack.enter_context(torch.random.fork_rng(devices=cuda))
                 torch.manual_seed(self._seed_base + index)
             if self.autocast is not None:
-                stack.enter_context(
-                    torch.autocast(device_type=_device_type(self.model), dtype=self.autocast)
-                )
+                # One autocast region per device type: a model spread over CPU and a GPU
+                # runs every part in the reduced dtype, not just the first parameter's.
+                for device_type in device_types(self.model):
+                    stack.enter_context(torch.autocast(device_type=device_type, dtype=self.autocast))
             if second_order:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             yield
