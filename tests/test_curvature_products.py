@@ -346,3 +346,22 @@ def test_preconditioned_sharpness_leaves_out_parameters_adam_does_not_move():
     truth = float(torch.linalg.eigvalsh(D @ H @ D)[-1])
     result = preconditioned_sharpness(model, cross_entropy_loss, batches, opt)
     assert result.value == pytest.approx(truth, rel=1e-6)
+
+
+@pytest.mark.parametrize("spectrum", [[2.0] * 10, [3.0] * 5 + [-1.0] * 5, [5.0, 5.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]])
+def test_lanczos_finds_k_values_when_the_krylov_space_runs_out(spectrum):
+    # Fewer distinct eigenvalues than k: the Krylov space is exhausted after as many steps
+    # as there are distinct values, and Lanczos must restart instead of dividing by β ≈ 0.
+    from sharpscope.curvature import lanczos
+
+    diag = torch.tensor(spectrum, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(len(spectrum), len(spectrum), dtype=torch.float64,
+                                        generator=torch.Generator().manual_seed(4)))[0]
+    a = basis @ torch.diag(diag) @ basis.T
+    like = [torch.zeros(len(spectrum), dtype=torch.float64)]
+    k = 4
+    result = lanczos(lambda v: [a @ v[0]], like, k, tol=1e-10, max_iter=len(spectrum))
+    expected = sorted(spectrum, reverse=True)[:k]
+    assert result.converged
+    assert result.values == pytest.approx(expected, abs=1e-10)
+    assert all(math.isfinite(r) for r in result.residuals)

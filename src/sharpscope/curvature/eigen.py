@@ -47,6 +47,13 @@ class EigenResult:
     history: list[float] = field(default_factory=list)
 
 
+def _padded(values: np.ndarray, k: int) -> np.ndarray:
+    """The first k of ``values``, padded with NaN (never equal) when there are fewer."""
+    out = np.full(k, np.nan)
+    out[: min(k, len(values))] = values[:k]
+    return out
+
+
 def _orthogonalise(w: list[torch.Tensor], basis: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     # Classical Gram–Schmidt, twice ("twice is enough": orthogonal to working precision
     # like the modified variant). All coefficients of a pass come from one reduction,
@@ -87,6 +94,7 @@ def lanczos(
     resid = np.array([])
     vecs_T = np.zeros((1, 1))
     converged = False
+    top_at_restart = None
     for j in range(max_iter):
         w = matvec(basis[j])
         alpha = vec.dot(basis[j], w)
@@ -105,11 +113,33 @@ def lanczos(
         history.append(float(ritz[0]))
         scale = np.maximum(np.abs(ritz[:k]), np.finfo(float).tiny)
         invariant = beta <= 1e-10 * max(np.abs(ritz).max(), 1e-30)
-        if len(alphas) >= k and (invariant or np.all(resid[:k] <= tol * scale)):
+        if len(alphas) >= k and not invariant and np.all(resid[:k] <= tol * scale):
             converged = True
             break
+        if invariant:
+            # The Krylov space is exhausted: its Ritz values are exact eigenvalues, but a
+            # Krylov space holds one vector per distinct eigenvalue, so multiplicities are
+            # missing. Restart from a fresh random vector orthogonal to the basis
+            # (decoupled: a zero off-diagonal in T) until a whole restarted block leaves
+            # the top k unchanged.
+            top = _padded(ritz, k)
+            if len(alphas) >= k and top_at_restart is not None and np.allclose(
+                top, top_at_restart, rtol=tol, atol=tol * float(np.abs(top).max())
+            ):
+                converged = True
+                break
+            if len(alphas) >= dim:
+                converged = len(alphas) >= k
+                break
+            top_at_restart = top
         if j + 1 == max_iter:
             break
+        if invariant:
+            w = _orthogonalise(vec.random_like(like, gen, "normal"), basis)
+            beta, w = 0.0, vec.scale(w, 1.0 / vec.norm(w))
+            betas.append(beta)
+            basis.append(w)
+            continue
         betas.append(beta)
         basis.append(vec.scale(w, 1.0 / beta))
     n = min(k, len(ritz))
