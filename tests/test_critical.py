@@ -118,15 +118,32 @@ def _fine_grid_eta_c(model, loss_fn, batch, direction, lo, hi, points=4001):
         loss_at.close()
 
 
+def _trained_adam_direction(model, batch):
+    """The direction of a real Adam step after two earlier steps (moments not trivial)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        cross_entropy_loss(model, batch).backward()
+        opt.step()
+    opt.zero_grad()
+    return update_direction(model, cross_entropy_loss, batch, opt)
+
+
+@pytest.mark.parametrize("kind", ["gradient", "adam"])
+@pytest.mark.parametrize("seed", [2, 5])
 @pytest.mark.parametrize("method", ["fast", "paper"])
-def test_transformer_agrees_with_fine_grid_line_search(method):
-    model = tiny_transformer(seed=2)
+def test_transformer_agrees_with_fine_grid_line_search(method, seed, kind):
+    model = tiny_transformer(seed=seed)
     model.eval()
-    batch = token_batches(seed=2, n=4)[0]
-    direction = update_direction(model, cross_entropy_loss, batch)
+    batch = token_batches(seed=seed, n=4)[0]
+    if kind == "gradient":
+        direction = update_direction(model, cross_entropy_loss, batch)
+    else:
+        direction = _trained_adam_direction(model, batch)
     result = critical_sharpness(model, cross_entropy_loss, batch, direction, method=method)
     assert result.status == "ok"
-    eta_c = _fine_grid_eta_c(model, cross_entropy_loss, batch, direction, result.eta / 50, result.eta * 50)
+    # The grid starts six decades below the answer, so an earlier crossing is not missed.
+    eta_c = _fine_grid_eta_c(model, cross_entropy_loss, batch, direction, result.eta * 1e-6, result.eta * 50, points=3001)
     assert abs(result.eta - eta_c) <= RTOL * eta_c
     lo, hi = result.bracket
     assert lo <= eta_c <= hi
@@ -483,6 +500,23 @@ def test_model_spread_over_cpu_and_cuda_matches_one_device():
     d = update_direction(spread, loss_fn, (x.float(), y))
     critical_sharpness(spread, autocast_loss, (x.float(), y), d, autocast=torch.bfloat16)
     assert seen and all(cpu and cuda for cpu, cuda in seen)
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+def test_probes_are_forward_passes_without_autograd(method):
+    model = tiny_transformer(seed=1)
+    batch = token_batches(seed=1, n=4)[0]
+    direction = update_direction(model, cross_entropy_loss, batch)
+    grad_modes = []
+
+    def loss_fn(m, b):
+        grad_modes.append(torch.is_grad_enabled())
+        return cross_entropy_loss(m, b)
+
+    result = critical_sharpness(model, loss_fn, batch, direction, method=method)
+    assert result.status == "ok" and len(grad_modes) == result.evals
+    assert not any(grad_modes)
+    assert torch.is_grad_enabled()
 
 
 def test_result_metrics_use_the_run_format_names():
