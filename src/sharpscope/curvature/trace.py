@@ -34,7 +34,8 @@ MatVec = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 @dataclass
 class TraceResult:
     """``estimate`` of tr(H) with ``stderr``; ``per_param`` = estimate / ``n_params``;
-    ``by_parameter`` block traces per parameter name (Hutchinson only)."""
+    ``by_parameter`` block traces per parameter name, with ``by_parameter_stderr`` their
+    standard errors (Hutchinson only)."""
 
     estimate: float
     stderr: float
@@ -42,6 +43,7 @@ class TraceResult:
     n_params: int
     method: str
     by_parameter: dict[str, float] | None = None
+    by_parameter_stderr: dict[str, float] | None = None
 
     @property
     def per_param(self) -> float:
@@ -60,20 +62,23 @@ def _mean_and_stderr(samples: list[float]) -> tuple[float, float]:
 def hutchinson(
     matvec: MatVec, like: Sequence[torch.Tensor], samples: int = 64, *, seed: int = 0
 ) -> tuple[float, float, list[float]]:
-    """(estimate, stderr, per-tensor block traces) from ``samples`` Rademacher probes."""
+    """(estimate, stderr, per-tensor block traces, their standard errors) from
+    ``samples`` Rademacher probes."""
     if samples < 2:
         raise ValueError(f"samples must be at least 2 for a standard error, not {samples}")
     gen = torch.Generator().manual_seed(seed)
     values: list[float] = []
-    blocks = [0.0] * len(like)
+    per_block: list[list[float]] = [[] for _ in like]
     for _ in range(samples):
         z = vec.random_like(like, gen, "rademacher")
         az = matvec(z)
         parts = vec.dots(z, az)
         values.append(math.fsum(parts))
-        blocks = [acc + p for acc, p in zip(blocks, parts)]
+        for acc, part in zip(per_block, parts):
+            acc.append(part)
     est, se = _mean_and_stderr(values)
-    return est, se, [b / samples for b in blocks]
+    blocks = [_mean_and_stderr(b) for b in per_block]
+    return est, se, [m for m, _ in blocks], [e for _, e in blocks]
 
 
 def _orthonormal_basis(vectors: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
@@ -134,12 +139,13 @@ def hessian_trace(
     with HessianOperator(model, loss_fn, batches, method=product, seed=seed, **options) as op:
         names = [n for n, p in op.model.named_parameters() if p.requires_grad]
         if method == "hutchinson":
-            est, se, blocks = hutchinson(op.matvec, op.params, samples, seed=seed)
+            est, se, blocks, block_errors = hutchinson(op.matvec, op.params, samples, seed=seed)
             by_parameter = dict(zip(names, blocks))
+            by_parameter_stderr = dict(zip(names, block_errors))
         else:
             est, se = hutchpp(op.matvec, op.params, samples, seed=seed)
-            by_parameter = None
+            by_parameter = by_parameter_stderr = None
         return TraceResult(
             estimate=est, stderr=se, matvecs=op.matvecs, n_params=op.dim, method=method,
-            by_parameter=by_parameter,
+            by_parameter=by_parameter, by_parameter_stderr=by_parameter_stderr,
         )
