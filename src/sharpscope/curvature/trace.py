@@ -61,7 +61,7 @@ def _mean_and_stderr(samples: list[float]) -> tuple[float, float]:
 
 def hutchinson(
     matvec: MatVec, like: Sequence[torch.Tensor], samples: int = 64, *, seed: int = 0
-) -> tuple[float, float, list[float]]:
+) -> tuple[float, float, list[float], list[float]]:
     """(estimate, stderr, per-tensor block traces, their standard errors) from
     ``samples`` Rademacher probes."""
     if samples < 2:
