@@ -7,6 +7,12 @@ ranks are handled once:
   unweighted mean; anything else (a tensor, a tuple ``(x, y)``, a dict) is one batch.
 * ``autocast``: a dtype such as ``torch.bfloat16`` runs ``loss_fn`` under
   ``torch.autocast``; the loss is cast to float32 and the mean taken in float64.
+  ``None`` means full precision, whatever the caller's context: autocast is switched off
+  for the evaluation, and a ``forward`` that a framework wrapped in autocast (accelerate,
+  and so the Hugging Face Trainer with ``bf16=True``, replaces ``model.forward`` by an
+  autocast wrapper and keeps the original as ``_original_forward``) is bypassed while the
+  measurement runs, so the precision is the one asked for, not the one training happens
+  to use.
 * In train mode (dropout active) every evaluation of batch ``i`` reseeds the RNG with
   ``seed + i`` (``i`` counted over the global batch, rank-major) so that every probe sees the same dropout masks, which makes the loss a
   deterministic function of the parameters. The caller's RNG state is restored by the
@@ -43,6 +49,30 @@ def as_batch_list(batches: Any) -> list:
             raise ValueError("batches is an empty list; give at least one batch")
         return batches
     return [batches]
+
+
+@contextlib.contextmanager
+def unwrapped_forward(model: torch.nn.Module):
+    """Run with the forward a framework's mixed-precision wrapper replaced (see the module
+    notes); the wrapper object is put back afterwards, exactly as it was."""
+    wrapped = [m for m in model.modules()
+               if "forward" in m.__dict__ and m.__dict__.get("_original_forward") is not None]
+    saved = [m.__dict__["forward"] for m in wrapped]
+    try:
+        for m in wrapped:
+            m.forward = m.__dict__["_original_forward"]
+        yield
+    finally:
+        for m, forward in zip(wrapped, saved):
+            m.forward = forward
+
+
+def precision_of(model: torch.nn.Module, autocast: torch.dtype | None) -> str:
+    """What a measurement computes in: the autocast dtype, or the parameters' dtype."""
+    if autocast is not None:
+        return f"autocast {str(autocast).removeprefix('torch.')}"
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    return "+".join(dtypes) or "float32"
 
 
 def device_types(model: torch.nn.Module) -> list[str]:
@@ -93,11 +123,15 @@ class Objective:
                 cuda = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
                 stack.enter_context(torch.random.fork_rng(devices=cuda))
                 torch.manual_seed(self._seed_base + index)
-            if self.autocast is not None:
-                # One autocast region per device type: a model spread over CPU and a GPU
-                # runs every part in the reduced dtype, not just the first parameter's.
-                for device_type in device_types(self.model):
+            # The precision asked for, not the one of the caller's context or of a wrapped
+            # forward: one autocast region per device type (a model spread over CPU and a
+            # GPU runs every part in the asked dtype), switched off when autocast is None.
+            stack.enter_context(unwrapped_forward(self.model))
+            for device_type in device_types(self.model):
+                if self.autocast is not None:
                     stack.enter_context(torch.autocast(device_type=device_type, dtype=self.autocast))
+                else:
+                    stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
             if second_order:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             yield

@@ -63,24 +63,29 @@ class DirectionCapture:
         self.before: list[torch.Tensor] | None = None
         self._lr = math.nan
 
-    def _reference_lr(self) -> float:
+    def step_lr(self) -> float:
+        """The reference lr of the coming step as the optimizer holds it now (0 during a
+        warmup from zero; see the module notes). Raises only for a group without 'lr'."""
         if self.fixed_lr is not None:
-            lr = float(self.fixed_lr)
-        else:
-            captured = {id(p) for p in self.params}
-            lr = None
-            for i, group in enumerate(self.optimizer.param_groups):
-                if "lr" not in group:
-                    raise ValueError(
-                        f"parameter group {i} of {type(self.optimizer).__name__} has no 'lr'; "
-                        "pass DirectionCapture(..., lr=...) to say which step size d is relative to"
-                    )
-                value = _lr_value(group["lr"])
-                if lr is None and value != 0 and any(id(p) in captured for p in group["params"]):
-                    lr = value
-            if lr is None:
-                # Nothing captured is in a group with a nonzero lr: report the first group's.
-                lr = _lr_value(self.optimizer.param_groups[0]["lr"])
+            return float(self.fixed_lr)
+        captured = {id(p) for p in self.params}
+        lr = None
+        for i, group in enumerate(self.optimizer.param_groups):
+            if "lr" not in group:
+                raise ValueError(
+                    f"parameter group {i} of {type(self.optimizer).__name__} has no 'lr'; "
+                    "pass DirectionCapture(..., lr=...) to say which step size d is relative to"
+                )
+            value = _lr_value(group["lr"])
+            if lr is None and value != 0 and any(id(p) in captured for p in group["params"]):
+                lr = value
+        if lr is None:
+            # Nothing captured is in a group with a nonzero lr: report the first group's.
+            lr = _lr_value(self.optimizer.param_groups[0]["lr"])
+        return lr
+
+    def _reference_lr(self) -> float:
+        lr = self.step_lr()
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(
                 f"cannot capture a direction with learning rate {lr}: d = Δθ/lr needs lr > 0"

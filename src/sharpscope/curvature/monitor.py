@@ -15,22 +15,79 @@ sharpness along d on the fixed probe batch, warm-started from the previous η_c 
 slope of the previous loss profile), so a measurement costs a few forward passes. By
 default it measures at θ_before, where d was computed (``at="after"`` measures at the new
 θ along the same d and saves one parameter copy). Training state is never perturbed.
+
+A step whose learning rate is 0 (the first steps of a warmup from zero) moves nothing and
+has no direction: a measurement due there is taken at the next step with lr > 0, and its
+metrics say so (``sharpness/deferred_from``: the step it was due at).
+
+With ``exact_every`` > 0 the monitor also measures exact references every that many steps,
+at θ_before on the same probe batch: λ_max (Lanczos), the Hessian trace (Hutchinson) and,
+for Adam-family optimizers with state, preconditioned sharpness. They cost Hessian-vector
+products (tens of forward+backward passes each), so they are off by default.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
 
-from ._evaluate import LossFn, Objective
+from ._evaluate import LossFn, Objective, precision_of
 from ._state import unwrap_model
 from .capture import DirectionCapture
 from .critical import CriticalSharpnessResult, search_critical_lr
+from .eigen import hessian_eigenvalues
+from .preconditioned import preconditioned_sharpness
+from .trace import hessian_trace
 
-__all__ = ["SharpnessMonitor"]
+__all__ = ["EXACT_MEASURES", "SharpnessMonitor", "check_monitor_options"]
+
+EXACT_MEASURES = ("lambda_max", "trace", "preconditioned")
+"""The exact references the monitor can add every ``exact_every`` steps."""
+
+
+def _positive_int(name: str, value: Any, *, zero_ok: bool = False) -> None:
+    low = 0 if zero_ok else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "0 (off) or a positive integer" if zero_ok else "a positive integer"
+        raise ValueError(f"{name} must be {what}, not {value!r}")
+
+
+def check_monitor_options(**options: Any) -> None:
+    """Raise ValueError (one line: what is wrong, what is allowed) for options that
+    :class:`SharpnessMonitor` would refuse, before any model exists; the callbacks call
+    this when they are constructed so a typo fails at once, not at the first step."""
+    names = [n for n in inspect.signature(SharpnessMonitor.__init__).parameters
+             if n not in ("self", "model", "loss_fn", "probe_batch", "optimizer")]
+    for name in options:
+        if name not in names:
+            raise ValueError(f"unknown monitor option {name!r}; the options are: {', '.join(names)}")
+    o = {**{n: p.default for n, p in inspect.signature(SharpnessMonitor.__init__).parameters.items()
+            if n in names}, **options}
+    _positive_int("every", o["every"])
+    _positive_int("exact_every", o["exact_every"], zero_ok=True)
+    _positive_int("max_evals", o["max_evals"])
+    _positive_int("lanczos_iters", o["lanczos_iters"])
+    _positive_int("trace_samples", o["trace_samples"])
+    if o["method"] not in ("fast", "paper"):
+        raise ValueError(f"method must be 'fast' or 'paper', not {o['method']!r}")
+    if isinstance(o["rtol"], bool) or not isinstance(o["rtol"], (int, float)) or not 0 < o["rtol"] < 1:
+        raise ValueError(f"rtol must be a number in (0, 1), not {o['rtol']!r}")
+    if o["at"] not in ("before", "after"):
+        raise ValueError(f"at must be 'before' or 'after', not {o['at']!r}")
+    if o["mode"] not in (None, "eval", "train"):
+        raise ValueError(f"mode must be 'eval', 'train' or None (as the model is), not {o['mode']!r}")
+    if o["autocast"] is not None and not isinstance(o["autocast"], torch.dtype):
+        raise ValueError(f"autocast must be None (full precision) or a torch dtype such as torch.bfloat16, "
+                         f"not {o['autocast']!r}")
+    exact = o["exact"]
+    if isinstance(exact, str) or not all(m in EXACT_MEASURES for m in exact):
+        raise ValueError(f"exact must be a list drawn from {', '.join(EXACT_MEASURES)}, not {exact!r}")
+    if not (isinstance(o["exact_tol"], (int, float)) and o["exact_tol"] > 0):
+        raise ValueError(f"exact_tol must be a positive number, not {o['exact_tol']!r}")
 
 
 class SharpnessMonitor:
@@ -58,11 +115,15 @@ class SharpnessMonitor:
         distributed: bool | str = "auto",
         process_group=None,
         max_evals: int = 64,
+        exact_every: int = 0,
+        exact: tuple[str, ...] | list[str] = EXACT_MEASURES,
+        lanczos_iters: int = 20,
+        trace_samples: int = 16,
+        exact_tol: float = 1e-3,
     ):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer number of steps, not {every!r}")
-        if at not in ("before", "after"):
-            raise ValueError(f"at must be 'before' or 'after', not {at!r}")
+        check_monitor_options(every=every, method=method, rtol=rtol, at=at, mode=mode, autocast=autocast,
+                              max_evals=max_evals, exact_every=exact_every, exact=exact,
+                              lanczos_iters=lanczos_iters, trace_samples=trace_samples, exact_tol=exact_tol)
         self.model = unwrap_model(model)
         self.optimizer = optimizer
         self.every = every
@@ -71,6 +132,14 @@ class SharpnessMonitor:
         self.at = at
         self.mode = mode
         self.max_evals = max_evals
+        self.autocast = autocast
+        self.exact_every = exact_every
+        self.exact = tuple(exact)
+        self.lanczos_iters = lanczos_iters
+        self.trace_samples = trace_samples
+        self.exact_tol = exact_tol
+        self._options = {"mode": mode, "autocast": autocast, "distributed": distributed,
+                         "process_group": process_group}
         self.objective = Objective(
             self.model, loss_fn, probe_batch, autocast=autocast,
             distributed=distributed, process_group=process_group,
@@ -78,9 +147,31 @@ class SharpnessMonitor:
         self.last: CriticalSharpnessResult | None = None
         self.latest: dict[str, float] | None = None
         self.measurements = 0
+        self.deferred_from: int | None = None
+        """The step a measurement was due at but had lr = 0 (taken at the next lr > 0)."""
+        self._capture: DirectionCapture | None = None
+        self._capture_deferred_from: int | None = None
+        self._exact_metrics: dict[str, float] | None = None
+
+    @property
+    def precision(self) -> str:
+        """What the measurements compute in ("float32", "autocast bfloat16", ...)."""
+        return precision_of(self.model, self.autocast)
+
+    def settings(self) -> dict[str, Any]:
+        """The monitor's settings as plain JSON types, for a run's config."""
+        return {"every": self.every, "method": self.method, "rtol": self.rtol, "at": self.at,
+                "mode": self.mode, "max_evals": self.max_evals,
+                "autocast": None if self.autocast is None else str(self.autocast).removeprefix("torch."),
+                "precision": self.precision, "exact_every": self.exact_every,
+                "exact": list(self.exact) if self.exact_every else [],
+                "lanczos_iters": self.lanczos_iters, "trace_samples": self.trace_samples}
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
+
+    def exact_due(self, step: int) -> bool:
+        return self.exact_every > 0 and step % self.exact_every == 0
 
     @contextmanager
     def around_step(self, step: int) -> Iterator[DirectionCapture | None]:
@@ -89,27 +180,80 @@ class SharpnessMonitor:
         try:
             yield capture
         except BaseException:
-            self._capture = None  # the step failed: nothing to measure
+            self._capture = self._exact_metrics = None  # the step failed: nothing to report
             raise
         self.end_step()
 
-    def begin_step(self, step: int) -> DirectionCapture | None:
-        """Call just before ``optimizer.step()`` (for callback APIs with separate hooks)."""
+    def begin_step(self, step: int, *, due: bool | None = None,
+                   exact_due: bool | None = None) -> DirectionCapture | None:
+        """Call just before ``optimizer.step()`` (for callback APIs with separate hooks).
+
+        ``due`` / ``exact_due`` override the monitor's own cadence (``step % every == 0``)
+        for callers that count steps differently. A due step with lr = 0 is deferred to the
+        next step with lr > 0. Exact references, when due, are measured here (at θ_before).
+        """
         self.latest = None
         self._capture = None
-        if not self.due(step):
+        self._capture_deferred_from = None
+        self._exact_metrics = None
+        if exact_due if exact_due is not None else self.exact_due(step):
+            self._exact_metrics = self.measure_exact()
+        due = self.due(step) if due is None else due
+        if not due and self.deferred_from is None:
             return None
         capture = DirectionCapture(self.model, self.optimizer, keep_before=self.at == "before")
+        lr = capture.step_lr()
+        if not (math.isfinite(lr) and lr > 0):
+            if self.deferred_from is None:
+                self.deferred_from = step
+            return None
         self._capture = capture.__enter__()
+        self._capture_deferred_from, self.deferred_from = self.deferred_from, None
         return capture
 
     def end_step(self) -> dict[str, float] | None:
-        """Call just after ``optimizer.step()``; returns the metrics when a measurement ran."""
-        capture, self._capture = getattr(self, "_capture", None), None
-        if capture is None:
-            return None
-        capture.__exit__(None, None, None)
-        return self.measure(capture) if capture.direction is not None else None
+        """Call just after ``optimizer.step()``; returns the metrics of this step's
+        measurements (critical sharpness and/or exact references), or None."""
+        capture, self._capture = self._capture, None
+        exact, self._exact_metrics = self._exact_metrics, None
+        metrics: dict[str, float] = {}
+        if capture is not None:
+            capture.__exit__(None, None, None)
+            if capture.direction is not None:
+                metrics.update(self.measure(capture))
+                if self._capture_deferred_from is not None:
+                    metrics["sharpness/deferred_from"] = float(self._capture_deferred_from)
+        if exact:
+            metrics.update(exact)
+        self.latest = metrics or None
+        return self.latest
+
+    def measure_exact(self) -> dict[str, float]:
+        """λ_max, the trace and (Adam with state, lr > 0) preconditioned sharpness at the
+        model's current parameters on the probe batch, as run-format metrics."""
+        model, loss_fn, batches = self.model, self.objective.loss_fn, self.objective.batches
+        out: dict[str, float] = {}
+        if "lambda_max" in self.exact:
+            eig = hessian_eigenvalues(model, loss_fn, batches, k=1, max_iter=self.lanczos_iters,
+                                      tol=self.exact_tol, **self._options)
+            out["sharpness/lambda_max"] = eig.values[0]
+        if "trace" in self.exact:
+            trace = hessian_trace(model, loss_fn, batches, samples=self.trace_samples, **self._options)
+            out["sharpness/trace"] = trace.estimate
+            out["sharpness/trace_stderr"] = trace.stderr
+            out["sharpness/trace_per_param"] = trace.per_param
+        if "preconditioned" in self.exact:
+            # The SAM family and Nexus keep Adam's moments in their base optimizer.
+            adam = getattr(self.optimizer, "base", self.optimizer)
+            group = adam.param_groups[0]
+            lr = float(group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"])
+            if "betas" in group and adam.state and lr > 0:
+                pre = preconditioned_sharpness(model, loss_fn, batches, adam, max_iter=self.lanczos_iters,
+                                               tol=self.exact_tol, **self._options)
+                out["sharpness/preconditioned"] = pre.value
+                out["sharpness/preconditioned_threshold"] = pre.threshold
+                out["sharpness/preconditioned_ratio"] = pre.ratio
+        return out
 
     def measure(self, capture: DirectionCapture) -> dict[str, float]:
         """Measure along a captured direction; returns (and keeps in ``latest``) the metrics."""
@@ -140,6 +284,7 @@ class SharpnessMonitor:
         last = self.last
         return {
             "measurements": self.measurements,
+            "deferred_from": self.deferred_from,
             "eta": None if last is None or not math.isfinite(last.eta) else last.eta,
             "slope": None if last is None or not math.isfinite(last.slope) else last.slope,
             "status": None if last is None else last.status,
@@ -147,6 +292,7 @@ class SharpnessMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         self.measurements = int(state.get("measurements", 0))
+        self.deferred_from = state.get("deferred_from")
         if state.get("status") is None:
             self.last = None
             return

@@ -1,4 +1,10 @@
-"""What both callbacks share: the monitor, moving the probe batch, and writing a run."""
+"""What both callbacks share: the monitor, moving the probe batch, and writing a run.
+
+A callback's run directory has one row per step, in step order: the framework's own
+training scalars (loss, gradient norm, lr) at the steps it logs them, merged with the
+measurements made at that step. Rows are merged in memory until a later step arrives,
+so a step that several hooks contribute to is still one row.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 import torch
 
 from ..curvature import SharpnessMonitor
+from ..curvature.monitor import check_monitor_options
 from ..runs import RunWriter
 
 
@@ -22,20 +29,46 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def is_main_process() -> bool:
+    """Rank 0 writes the run directory (every rank measures: the probes are collective)."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+
+
+def check_label(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty label such as 'scales' or 'llama-1M', not {value!r}")
+
+
 class MonitorRecorder:
-    """Builds the monitor on first use and records its measurements (optionally as a run)."""
+    """Builds the monitor on first use, keeps its measurements and writes the run.
+
+    Options are checked here, when the callback is made, so a typo fails at once in one
+    line rather than at the first optimizer step.
+    """
 
     def __init__(self, probe_batch: Any, loss_fn, *, every: int, run_dir: str | Path | None,
-                 name: str, monitor_options: dict[str, Any]):
+                 name: str, group: str, model: str | None, framework: str, monitor_options: dict[str, Any]):
+        check_monitor_options(every=every, **monitor_options)
+        check_label("name", name)
+        check_label("group", group)
+        if model is not None:
+            check_label("model", model)
+        if loss_fn is None or not callable(loss_fn):
+            raise ValueError("loss_fn must be a callable loss_fn(model, batch) -> 0-dim tensor")
         self.probe_batch = probe_batch
         self.loss_fn = loss_fn
         self.every = every
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.name = name
+        self.labels = {"name": name, "group": group, **({"model": model} if model else {})}
+        self.framework = framework
         self.monitor_options = monitor_options
         self.monitor: SharpnessMonitor | None = None
         self.history: list[tuple[int, dict[str, float]]] = []
+        self.pending_state: dict | None = None
+        self.resume_step: int | None = None
         self._writer: RunWriter | None = None
+        self._row: dict[str, Any] | None = None
 
     def ensure(self, model: torch.nn.Module, optimizer) -> SharpnessMonitor:
         if self.monitor is None:
@@ -44,28 +77,45 @@ class MonitorRecorder:
             inner = getattr(optimizer, "optimizer", optimizer)
             self.monitor = SharpnessMonitor(model, self.loss_fn, to_device(self.probe_batch, device), inner,
                                             every=self.every, **self.monitor_options)
-            if self.run_dir is not None:
+            if self.pending_state is not None:
+                self.monitor.load_state_dict(self.pending_state)
+                self.pending_state = None
+            if self.run_dir is not None and is_main_process():
                 n_params = sum(p.numel() for p in model.parameters())
-                self._writer = RunWriter(self.run_dir, {"name": self.name, "group": "training",
-                                                        "n_params": n_params, "source": "measured"})
+                self._writer = RunWriter(self.run_dir, {
+                    **self.labels, "n_params": n_params, "source": "measured", "framework": self.framework,
+                    "monitor": self.monitor.settings()})
+                # A resumed run keeps its rows up to the checkpoint; a new one starts empty.
+                self._writer.truncate_after(self.resume_step if self.resume_step is not None else -1)
         return self.monitor
 
-    def record(self, step: int, metrics: dict[str, float] | None, lr: float | None, total_steps: int | None,
-               extra: dict[str, float] | None = None) -> None:
-        row: dict[str, Any] = {}
-        if metrics:
-            self.history.append((step, metrics))
-            row.update(metrics)
-            if lr:
-                row["lr"] = lr
-                row["sharpness/two_over_lr"] = 2.0 / lr
-        if extra:
-            row.update(extra)
-        if self._writer is not None and row:
-            row = {"step": step, **({"t": step / total_steps} if total_steps else {}), **row}
-            self._writer.log(row)
+    def measured(self, step: int, metrics: dict[str, float], lr: float | None) -> dict[str, float]:
+        """Keep a measurement made at ``step`` (run-format keys); returns it with its lr."""
+        metrics = dict(metrics)
+        self.history.append((step, metrics))
+        extra = {"lr": lr, "sharpness/two_over_lr": 2.0 / lr} if lr and lr > 0 else {}
+        self.add(step, {**extra, **metrics})
+        return metrics
+
+    def add(self, step: int, values: dict[str, Any], total_steps: int | None = None) -> None:
+        """Merge ``values`` into the row of ``step``; a later step writes the earlier row."""
+        if self._writer is None or not values:
+            return
+        if self._row is not None and self._row["step"] != step:
+            self.flush()
+        if self._row is None:
+            self._row = {"step": step}
+        self._row.update(values)
+        if total_steps:
+            self._row["t"] = min(1.0, step / total_steps)
+
+    def flush(self) -> None:
+        if self._writer is not None and self._row is not None:
+            self._writer.log(self._row)
+        self._row = None
 
     def close(self) -> None:
+        self.flush()
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -4,15 +4,29 @@
     callback = SharpnessCallback(probe_batch, every=50, run_dir="runs/my-finetune")
     Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback]).train()
 
-The direction is captured between the Trainer's ``on_pre_optimizer_step`` and
-``on_optimizer_step`` hooks (after clipping, exactly the update applied), the measurement
-runs on the fixed ``probe_batch`` (a dict such as ``{"input_ids": ..., "labels": ...}``),
-and its metrics join the next ``logs`` (so TensorBoard / W&B reporters see them) and, with
-``run_dir``, a run in sharpscope's format together with the training loss.
+Steps are the Trainer's own: step N is the N-th optimizer step, the number HF gives the
+loss, grad norm and lr it logs for that update. A measurement at step N is taken at the
+weights before that update, along the update itself (captured between
+``on_pre_optimizer_step`` and ``on_optimizer_step``, after clipping, whatever the
+optimizer and the gradient accumulation), on the fixed ``probe_batch`` (a dict such as
+``{"input_ids": ..., "labels": ...}``). Measurements are due at step 1 and every
+``every``-th step; a step with lr 0 (a warmup from zero) is skipped and the measurement
+taken at the next step with lr > 0 (``sharpness/deferred_from`` says so).
+
+Every measurement reaches the Trainer's logs exactly once, at its step: the callback asks
+the Trainer to log on each measured step (those steps get a loss entry too, averaged since
+the previous log as HF does), puts the values in that log, and places itself ahead of the
+reporters (TensorBoard, W&B, ...) so they receive them. With ``run_dir`` it also writes a
+run in sharpscope's format: the Trainer's ``train/loss``, ``train/grad_norm`` and ``lr``
+at its logging steps and the measurements, one row per step. The monitor's warm start is
+saved in each ``checkpoint-N`` (``sharpscope_monitor.json``), so ``resume_from_checkpoint``
+continues the run directory and the warm start where the checkpoint left them.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,52 +34,121 @@ from transformers import TrainerCallback
 
 from ._common import MonitorRecorder, finite
 
+MONITOR_STATE_FILE = "sharpscope_monitor.json"
+
+# The Trainer's log keys and their run-format names.
+_LOG_KEYS = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "lr",
+             "eval_loss": "eval/loss", "num_input_tokens_seen": "tokens"}
+
 
 def causal_lm_loss(model, batch) -> Any:
     """The model's own loss on a batch dict that carries labels."""
     return model(**batch).loss
 
 
+def _calling_handler(callback) -> Any:
+    """The Trainer's CallbackHandler that is calling ``callback`` (found on the stack:
+    callbacks are not given the handler or the Trainer)."""
+    frame = sys._getframe(1)
+    for _ in range(6):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if owner is not None and callback in getattr(owner, "callbacks", ()) and hasattr(owner, "call_event"):
+            return owner
+        frame = frame.f_back
+    return None
+
+
 class SharpnessCallback(TrainerCallback):
-    """Runs a :class:`sharpscope.SharpnessMonitor` every ``every`` optimizer steps."""
+    """Runs a :class:`sharpscope.SharpnessMonitor` at step 1 and every ``every`` optimizer
+    steps; ``group`` / ``model`` label the run for ``sharpscope analyze`` (e.g.
+    ``group="scales", model="llama-60M"``); other keyword arguments go to the monitor
+    (``method``, ``rtol``, ``autocast``, ``exact_every`` ...) and are checked here."""
 
     def __init__(self, probe_batch: dict, *, every: int = 250, loss_fn=None, run_dir: str | Path | None = None,
-                 name: str = "hf-run", **monitor_options):
+                 name: str = "hf-run", group: str = "training", model: str | None = None, **monitor_options):
         self.recorder = MonitorRecorder(probe_batch, loss_fn or causal_lm_loss, every=every, run_dir=run_dir,
-                                        name=name, monitor_options=monitor_options)
-        self._pending: dict[str, float] | None = None
+                                        name=name, group=group, model=model, framework="transformers",
+                                        monitor_options=monitor_options)
+        self.every = every
+        self.exact_every = int(monitor_options.get("exact_every", 0))
+        self.resumed_from: int | None = None
+        self._step: int | None = None
         self._lr: float | None = None
+        self._pending: tuple[int, dict[str, float]] | None = None
 
     @property
     def history(self) -> list[tuple[int, dict[str, float]]]:
         return self.recorder.history
 
+    def _due(self, step: int, every: int) -> bool:
+        return every > 0 and (step == 1 or step % every == 0)
+
+    def _run_before_reporters(self) -> None:
+        # The Trainer calls its reporters (TensorBoard, W&B ...) before user callbacks, so
+        # values added to ``logs`` by this callback would reach them one log too late, or
+        # never. Moving this callback to the front of the list fixes the order; it is safe
+        # during an event (the loop's next element is unchanged).
+        handler = _calling_handler(self)
+        if handler is not None and handler.callbacks[0] is not self:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._run_before_reporters()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._run_before_reporters()
+        if state.global_step > 0:  # resume_from_checkpoint: the Trainer loaded checkpoint-N's state
+            self.resumed_from = state.global_step
+            self.recorder.resume_step = state.global_step
+            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / MONITOR_STATE_FILE
+            if saved.is_file():
+                self.recorder.pending_state = json.loads(saved.read_text(encoding="utf-8"))
+        else:
+            self.recorder.resume_step = None
+
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         monitor = self.recorder.ensure(model, optimizer)
-        monitor.begin_step(state.global_step)
-        self._lr = monitor.optimizer.param_groups[0]["lr"]
+        self._step = state.global_step + 1  # the number HF gives this update in its logs
+        capture = monitor.begin_step(self._step, due=self._due(self._step, self.every),
+                                     exact_due=self._due(self._step, self.exact_every))
+        self._lr = capture.lr if capture is not None else None
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.recorder.monitor is None:
             return
         metrics = self.recorder.monitor.end_step()
         if metrics:
-            self._pending = metrics
-            self.recorder.record(state.global_step, metrics, self._lr, state.max_steps or None)
+            self._pending = (self._step, self.recorder.measured(self._step, metrics, self._lr))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._pending is not None:
+            control.should_log = True  # the Trainer logs this step, with the measurement in it
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
-        if self._pending:
-            values = finite(self._pending)
-            logs.update(values)  # reporters called after this callback (TensorBoard, W&B) see them
-            # the Trainer stored a copy of these logs already: keep its history complete too
+        if self._pending is not None and self._pending[0] == state.global_step:
+            values = finite(self._pending[1])
+            logs.update(values)
+            # The Trainer appended its copy of these logs to the history before this call.
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(values)
             self._pending = None
-        if "loss" in logs:
-            self.recorder.record(state.global_step, None, None, state.max_steps or None,
-                                 extra={"train/loss": float(logs["loss"])})
+        row = {_LOG_KEYS[k]: float(v) for k, v in logs.items() if k in _LOG_KEYS and isinstance(v, (int, float))}
+        if row.get("lr") == 0:
+            row.pop("lr")
+        self.recorder.add(state.global_step, row, state.max_steps or None)
+
+    def on_save(self, args, state, control, **kwargs):
+        # The run directory and the monitor's warm start as of this checkpoint.
+        self.recorder.flush()
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.recorder.monitor is not None and state.is_world_process_zero and checkpoint.is_dir():
+            (checkpoint / MONITOR_STATE_FILE).write_text(json.dumps(self.recorder.monitor.state_dict()),
+                                                         encoding="utf-8")
 
     def on_train_end(self, args, state, control, **kwargs):
         self.recorder.close()
