@@ -203,17 +203,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_measure(args: argparse.Namespace) -> int:
-    from .training.measure import measure_checkpoint
+def _measure_table_row(r: dict) -> str:
+    return (f"{r['step']:>8d} {_cell(r['loss']):>9s} {_cell(r['lr']):>10s} {_cell(r['sharpness/critical']):>10s} "
+            f"{_cell(r['sharpness/lr_over_eta_c']):>9s} {_cell(r.get('sharpness/lambda_max')):>10s} "
+            f"{_cell(r.get('sharpness/trace_per_param')):>10s} {_cell(r.get('sharpness/preconditioned')):>10s}  "
+            f"{r['direction']}" + ("" if r["critical_status"] == "ok" else f" ({r['critical_status']})"))
 
-    result = measure_checkpoint(Path(args.checkpoint), args.data, batch_size=args.batch_size,
-                                n_batches=args.batches, lanczos_iters=args.lanczos_iters,
-                                trace_samples=args.trace_samples, seed=args.seed)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for key, value in result.items():
-            print(f"{key:32s} {value:.6g}" if isinstance(value, float) else f"{key:32s} {value}")
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .runs import metrics_line
+    from .training.measure import MeasureOptions, find_checkpoints, measure_path
+
+    options = MeasureOptions(batch_size=args.batch_size, n_batches=args.batches, block_size=args.block_size,
+                             lanczos_iters=args.lanczos_iters, trace_samples=args.trace_samples, seed=args.seed,
+                             direction=args.direction, warm_batches=args.warm_batches,
+                             max_grad_norm=args.max_grad_norm, lr=args.lr, device=args.device)
+    options.check()
+    series = len(find_checkpoints(args.checkpoint).checkpoints) > 1
+    t0 = time.perf_counter()
+
+    def public(result: dict) -> dict:
+        # strict JSON (NaN as null); the timings stay out of the measurements
+        return json.loads(metrics_line({k: v for k, v in result.items() if k != "seconds"}))
+
+    def show(result: dict) -> None:
+        if args.json:
+            print(json.dumps(public(result)), flush=True)
+        elif series:
+            print(_measure_table_row(result), flush=True)
+
+    if series and not args.json:
+        print(f"{'step':>8s} {'loss':>9s} {'lr':>10s} {'lambda_c':>10s} {'lr/eta_c':>9s} {'lambda_max':>10s} "
+              f"{'trace/P':>10s} {'precond':>10s}  direction")
+    measured = measure_path(args.checkpoint, args.data, options, out=args.out, force=args.force, name=args.name,
+                            progress=not args.no_progress, on_result=show if series else None)
+    if not series:
+        result = measured.results[0] if measured.results else None
+        if result is None:  # already in --out with the same settings
+            print(f"step {measured.reused[0]} is already measured in {measured.out}; nothing to do")
+        elif args.json:
+            print(json.dumps(public(result), indent=2))
+        else:
+            for key, value in result.items():
+                if key != "seconds":
+                    print(f"{key:32s} {value:.6g}" if isinstance(value, float) else f"{key:32s} {value}")
+    if not args.json:
+        if series:
+            notes = sorted({f"{r['direction']}: {r['direction_note']}" for r in measured.results})
+            for note in notes:
+                print(f"direction {note}")
+            kept = f", {len(measured.reused)} kept from {measured.out}" if measured.reused else ""
+            print(f"[measure] {len(measured.results)} checkpoint(s) measured{kept} in "
+                  f"{time.perf_counter() - t0:.1f} s")
+        if measured.out is not None:
+            print(f"[measure] run -> {measured.out} (sharpscope analyze {measured.out} --out REPORT)")
     return 0
 
 
@@ -450,15 +493,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
     t.set_defaults(func=cmd_train)
 
-    m = sub.add_parser("measure", help="measure λ_c, λ_max and the trace on a saved checkpoint")
-    m.add_argument("checkpoint", help="a checkpoints/stepNNNNNNNN folder of a run")
-    m.add_argument("--data", required=True, help="source to measure on: code, prose, arithmetic, a file, a folder or a .bin")
+    m = sub.add_parser("measure", help="measure λ_c, λ_max and the trace of saved checkpoints "
+                                        "(ours, Hugging Face models, Trainer output folders)")
+    m.add_argument("checkpoint", metavar="PATH",
+                   help="a checkpoint (RUN/checkpoints/stepN), a Hugging Face model folder (config.json + "
+                        "safetensors), or a folder of checkpoints (a Trainer output folder, a run): each is measured")
+    m.add_argument("--data", required=True,
+                   help="source to measure on (any source train takes): code, prose, arithmetic, a file, a folder, "
+                        "hf:DATASET or a token .bin")
+    m.add_argument("--out", help="write the measurements as a run here (one metrics row per checkpoint)")
+    m.add_argument("--force", action="store_true", help="replace a different run already in --out")
+    m.add_argument("--name", help="name of the --out run (default: the folder measured)")
     m.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
     m.add_argument("--batches", type=int, default=1, help="batches (their mean loss is measured)")
-    m.add_argument("--lanczos-iters", type=int, default=30, help="Lanczos iterations for λ_max")
-    m.add_argument("--trace-samples", type=int, default=32, help="Hutchinson probes for the trace")
+    m.add_argument("--block-size", type=int, help="tokens predicted per sequence (default: the run's; "
+                                                  "Hugging Face: min(256, the model's positions - 1))")
+    m.add_argument("--lanczos-iters", type=int, default=30, help="Lanczos iterations for λ_max (0: skip)")
+    m.add_argument("--trace-samples", type=int, default=32, help="Hutchinson probes for the trace (0: skip)")
     m.add_argument("--seed", type=int, default=0, help="seed of the measured batches")
-    m.add_argument("--json", action="store_true", help="print JSON")
+    m.add_argument("--direction", choices=("auto", "optimizer", "gradient", "adam"), default="auto",
+                   help="update direction: the checkpoint's own optimizer step (auto falls back to the gradient "
+                        "when its state is missing), the gradient, or Adam warmed on --warm-batches")
+    m.add_argument("--warm-batches", type=int, default=8, help="batches that warm Adam's moments (--direction adam)")
+    m.add_argument("--max-grad-norm", type=float, help="clip the direction's gradient to this norm first")
+    m.add_argument("--lr", type=float, help="lr to compare with η_c (default: the checkpoint's schedule)")
+    m.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--json", action="store_true", help="print JSON (one object per line for a series)")
     m.set_defaults(func=cmd_measure)
 
     mx = sub.add_parser("mix", help="data-mix advisor: the pretraining fraction where fine-tuning and "
