@@ -533,3 +533,74 @@ def test_monitor_in_a_plain_loop_defers_zero_lr_steps_and_measures_exact_referen
     assert "sharpness/deferred_from" not in seen[4]
     with pytest.raises(ValueError, match="every must be a positive integer"):
         SharpnessMonitor(model, _gpt_loss, probe, opt, every=0)
+
+
+def test_monitor_in_an_accelerate_loop_with_accumulation_and_bf16():
+    """A plain accelerate loop: optimizer.step() is called every micro-batch and does
+    nothing until the gradients are accumulated; a measurement due on such a micro-step
+    waits for the step that moves, and the probes stay in float32 under bf16."""
+    accelerate = pytest.importorskip("accelerate")
+    from sharpscope import SharpnessMonitor
+
+    accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
+    model = _tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, opt = accelerator.prepare(model, opt)
+    dtypes = []
+
+    def loss_fn(m, batch):
+        logits = m(batch[:, :-1])
+        dtypes.append(logits.dtype)
+        return F.cross_entropy(logits.float().reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+
+    monitor = SharpnessMonitor(model, loss_fn, _tokens(8, seed=1), opt, every=4)
+    data = _tokens(64)
+    seen = {}
+    for step in range(8):
+        with accelerator.accumulate(model):
+            loss = _gpt_loss(model, data[step * 4:(step + 1) * 4])
+            accelerator.backward(loss)
+            with monitor.around_step(step):
+                opt.step()
+            opt.zero_grad()
+        if monitor.latest is not None:
+            seen[step] = dict(monitor.latest)
+    # Steps 0 and 4 are accumulation micro-steps: measured at 1 and 5 instead.
+    assert sorted(seen) == [1, 5]
+    assert seen[1]["sharpness/deferred_from"] == 0 and seen[5]["sharpness/deferred_from"] == 4
+    assert all(math.isfinite(m["sharpness/critical"]) for m in seen.values())
+    assert dtypes and set(dtypes) == {torch.float32}
+
+
+def test_lightning_resume_from_checkpoint_keeps_rows_and_warm_start(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sharpscope.integrations.lightning import SharpnessCallback
+
+    def fit(run_dir, max_steps, ckpt_dir=None, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        module = _lightning_module()()
+        # Four batches an epoch, so the checkpoint after step 3 is at an epoch boundary,
+        # where Lightning resumes a plain DataLoader exactly.
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_tokens()), batch_size=16)
+        callback = SharpnessCallback((_tokens(8, seed=1),), loss_fn=lambda m, b: m.loss(b), every=2,
+                                     run_dir=run_dir, log_every=1)
+        extra = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, save_top_k=-1)] if ckpt_dir else []
+        trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False,
+                             enable_checkpointing=bool(ckpt_dir), enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[callback, *extra])
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return callback
+
+    whole = fit(tmp_path / "whole", 8)
+    fit(tmp_path / "run", 6, ckpt_dir=tmp_path / "ckpt")  # stopped after step 5, checkpoint at 4 steps
+    (checkpoint,) = sorted((tmp_path / "ckpt").glob("*step=4*.ckpt"))
+    resumed = fit(tmp_path / "run", 8, ckpt_path=str(checkpoint))
+    assert resumed.recorder.monitor.measurements == len(whole.history)
+    rows, reference = _rows(tmp_path / "run"), _rows(tmp_path / "whole")
+    assert [r["step"] for r in rows] == [r["step"] for r in reference] == list(range(8))
+    for row, ref in zip(rows, reference):
+        for key in ("sharpness/critical", "sharpness/evals", "train/loss"):
+            if key in ref:
+                assert row[key] == pytest.approx(ref[key], rel=1e-5), (row["step"], key)

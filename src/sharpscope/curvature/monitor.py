@@ -18,7 +18,9 @@ default it measures at θ_before, where d was computed (``at="after"`` measures 
 
 A step whose learning rate is 0 (the first steps of a warmup from zero) moves nothing and
 has no direction: a measurement due there is taken at the next step with lr > 0, and its
-metrics say so (``sharpness/deferred_from``: the step it was due at).
+metrics say so (``sharpness/deferred_from``: the step it was due at). The same holds for a
+step that moved no parameter although lr > 0 (an accumulation micro-step of a loop that
+calls ``step()`` every batch, a step a gradient scaler skipped on overflow).
 
 With ``exact_every`` > 0 the monitor also measures exact references every that many steps,
 at θ_before on the same probe batch: λ_max (Lanczos), the Hessian trace (Hutchinson) and,
@@ -35,6 +37,7 @@ from typing import Any, Iterator
 
 import torch
 
+from . import _dist
 from ._evaluate import LossFn, Objective, precision_of
 from ._state import unwrap_model
 from .capture import DirectionCapture
@@ -151,6 +154,7 @@ class SharpnessMonitor:
         """The step a measurement was due at but had lr = 0 (taken at the next lr > 0)."""
         self._capture: DirectionCapture | None = None
         self._capture_deferred_from: int | None = None
+        self._capture_step: int | None = None
         self._exact_metrics: dict[str, float] | None = None
 
     @property
@@ -208,8 +212,17 @@ class SharpnessMonitor:
                 self.deferred_from = step
             return None
         self._capture = capture.__enter__()
+        self._capture_step = step
         self._capture_deferred_from, self.deferred_from = self.deferred_from, None
         return capture
+
+    def _moved(self, direction: list[torch.Tensor]) -> bool:
+        """Whether the step moved any parameter, on any rank (ranks must agree: the
+        measurement that follows is collective)."""
+        moved = any(bool(d.any()) for d in direction)
+        if self.objective.group is not None:
+            moved = _dist.mean_floats([float(moved)], self.objective.group)[0] > 0
+        return moved
 
     def end_step(self) -> dict[str, float] | None:
         """Call just after ``optimizer.step()``; returns the metrics of this step's
@@ -219,7 +232,16 @@ class SharpnessMonitor:
         metrics: dict[str, float] = {}
         if capture is not None:
             capture.__exit__(None, None, None)
-            if capture.direction is not None:
+            if capture.direction is not None and not self._moved(capture.direction):
+                # The optimizer did not move the parameters (a micro-step of gradient
+                # accumulation, a step a gradient scaler skipped on overflow): there is
+                # no update to measure along, so the measurement waits for the next step
+                # that moves, like a zero-lr step.
+                capture.before = None
+                if self.deferred_from is None:
+                    self.deferred_from = (self._capture_deferred_from if self._capture_deferred_from is not None
+                                          else self._capture_step)
+            elif capture.direction is not None:
                 metrics.update(self.measure(capture))
                 if self._capture_deferred_from is not None:
                     metrics["sharpness/deferred_from"] = float(self._capture_deferred_from)
