@@ -70,22 +70,41 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 # --- analyze ---------------------------------------------------------------------------
 
+RUN_LINES = 10
+"""Runs printed one line each by analyze; the rest are in tables/runs.csv."""
+
+
 def _analyze(study: Path, out: Path, *, figures: bool = True, metric: str | None = None,
              pac_m: float = 1e5, pac_delta: float = 0.05, extrapolate: list[float] | None = None,
-             title: str = "sharpscope study report", final: str = "mean") -> int:
-    from .analysis.study import DEFAULT_EXTRAPOLATION, SHARPNESS, AnalysisOptions
+             title: str | None = None, final: str = "mean", groups: list[str] | None = None) -> int:
+    from .analysis.runset import describe_run
+    from .analysis.study import SHARPNESS, AnalysisOptions
     from .report.build import write_report
 
+    # extrapolate None: a study extrapolates to the simulated study's sizes, a run report not at all
     opts = AnalysisOptions(metric=metric or SHARPNESS, pac_m=pac_m, pac_delta=pac_delta,
-                           extrapolate=tuple(extrapolate or DEFAULT_EXTRAPOLATION), final_statistic=final)
+                           extrapolate=tuple(extrapolate) if extrapolate else None, final_statistic=final)
     t0 = time.perf_counter()
-    result = write_report(study, out, figures=figures, options=opts, title=title)
-    s = result.analysis.summary
-    f = s["scaling_law"]
-    print(f"analysed {s['n_runs']} runs in {time.perf_counter() - t0:.2f} s -> {out}")
-    print(f"  final sharpness = {f['slope']:.4f}·log10 N + {f['intercept']:.4f}  "
-          f"(R² {f['r2']:.4f}, r {f['r']:.4f}; AIC log-linear {f['aic_loglinear']:.2f} vs power {f['aic_power']:.2f})")
-    print(f"  three-phase: scales {s['three_phase_scales']}, ablations {s['ablations_preserved']}")
+    result = write_report(study, out, figures=figures, options=opts, title=title, groups=groups)
+    a = result.analysis
+    s = a.summary
+    print(f"analysed {s['n_runs']} run{'s' if s['n_runs'] != 1 else ''} in {time.perf_counter() - t0:.2f} s -> {out}")
+    for note in a.notes:  # what was fitted across sizes, or the one line saying why nothing was
+        print(f"  {note}")
+    if a.scaling is not None:
+        f = s["scaling_law"]
+        print(f"  final sharpness = {f['slope']:.4f}·log10 N + {f['intercept']:.4f}  "
+              f"(R² {f['r2']:.4f}, r {f['r']:.4f}; AIC log-linear {f['aic_loglinear']:.2f} vs power {f['aic_power']:.2f})")
+        if a.kind == "study":
+            print(f"  three-phase: scales {s['three_phase_scales']}, ablations {s['ablations_preserved']}")
+        else:
+            print(f"  three-phase: {s['three_phase_scales']} of the runs fitted across sizes")
+    if a.kind == "runs":
+        rows = a.tables["runs"]
+        for row in rows[:RUN_LINES]:
+            print(f"  {row['run']} ({row['n_params']:,} params): {describe_run(row)}")
+        if len(rows) > RUN_LINES:
+            print(f"  ... and {len(rows) - RUN_LINES} more runs (tables/runs.csv)")
     if result.html:
         print(f"  report: {result.html}")
     return 0
@@ -94,7 +113,8 @@ def _analyze(study: Path, out: Path, *, figures: bool = True, metric: str | None
 def cmd_analyze(args: argparse.Namespace) -> int:
     return _analyze(Path(args.study), Path(args.out), figures=not args.no_figures, metric=args.metric,
                     pac_m=args.pac_m, pac_delta=args.pac_delta,
-                    extrapolate=_float_list(args.extrapolate) if args.extrapolate else None, final=args.final)
+                    extrapolate=_float_list(args.extrapolate) if args.extrapolate else None, final=args.final,
+                    groups=[g.strip() for g in args.group.split(",") if g.strip()] if args.group else None)
 
 
 # --- fit -------------------------------------------------------------------------------
@@ -454,8 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. noise_sigma=0.02")
     s.set_defaults(func=cmd_simulate)
 
-    a = sub.add_parser("analyze", help="analyse a directory of runs (simulated or measured)")
-    a.add_argument("study", help="directory holding runs (searched recursively)")
+    a = sub.add_parser("analyze", help="analyse one run or a directory of runs (simulated or measured)")
+    a.add_argument("study", help="a run directory, or a directory holding runs (searched recursively)")
+    a.add_argument("--group", help="group label(s) of the runs to fit across sizes, comma-separated "
+                                   "(default: 'scales', else the label holding the most sizes)")
     a.add_argument("--out", required=True, help="report directory")
     a.add_argument("--metric", help="sharpness metric to study (default sharpness/critical)")
     a.add_argument("--no-figures", action="store_true", help="tables and summary only")

@@ -126,7 +126,7 @@ def _model_means(groups: list[list["RunSummary"]], attr) -> np.ndarray:
 def evaluate_claims(a: "StudyAnalysis") -> list[Claim]:
     from .study import _by_model
 
-    models = _by_model(a.group("scales"))
+    models = _by_model(a.scale_runs())
     scale_runs = [r for g in models for r in g]
     log_n = np.log10([g[0].run.n_params for g in models])
     finals = _model_means(models, lambda r: r.final)

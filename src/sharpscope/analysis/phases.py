@@ -34,6 +34,9 @@ PHASE_WINDOWS = ((0.0, 0.2), (0.2, 0.6), (0.6, 1.0 + 1e-9))
 
 FINAL_STATISTICS = ("mean", "median")
 
+MIN_POINTS = 10
+"""Fewest finite points the three-phase detector reads (a shorter series is undecidable)."""
+
 
 def final_value(values, fraction: float = TAIL_FRACTION, statistic: str = "mean") -> float:
     """Mean (or median, robust to heavy-tailed measurements) of the last ``fraction`` of
@@ -101,7 +104,7 @@ class PhaseResult:
 def detect_three_phase(t, values, *, smooth_fraction: float = 0.05, edge: float = 0.02,
                        latest_peak: float = 0.6, min_rise: float = 0.1, min_drop: float = 0.25,
                        plateau_window: float = 0.2, flat_tol: float = 0.25, trend_tol: float = 0.15,
-                       min_points: int = 10, max_missing: float = 0.2) -> PhaseResult:
+                       min_points: int = MIN_POINTS, max_missing: float = 0.2) -> PhaseResult:
     """Decide whether ``values`` over ``t`` show rise -> decay -> plateau (see module doc)."""
     t = np.asarray(t, dtype=float)
     v = np.asarray(values, dtype=float)

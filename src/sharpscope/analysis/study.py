@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,8 +43,10 @@ class AnalysisOptions:
     """Sample count m of the PAC-Bayes bound."""
     pac_delta: float = 0.05
     """Confidence parameter delta of the PAC-Bayes bound."""
-    extrapolate: tuple[float, ...] = DEFAULT_EXTRAPOLATION
-    """Sizes to extrapolate to when the study has no extrapolation runs."""
+    extrapolate: tuple[float, ...] | None = None
+    """Sizes to extrapolate to when the study has no extrapolation runs (None: the
+    simulated study's 13B, 30B and 70B in a study; no extrapolation in a report of
+    arbitrary runs, whose sizes have nothing to do with those)."""
     early_horizons: tuple[float, ...] = (0.1, 0.2)
     final_statistic: str = "mean"
     """How the final window (last 10% of points) is summarised: "mean" (the simulated
@@ -112,16 +115,29 @@ def _edge_of_stability(t: np.ndarray, s: np.ndarray, t_lr: np.ndarray, lr: np.nd
     return float(np.median(ratio[keep])), float(np.mean(ratio[keep] > 1.0))
 
 
-def summarize_run(run: Run, opts: AnalysisOptions) -> RunSummary:
+def lr_series(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """``(t, lr)``: the logged ``lr``, or 2 / ``sharpness/two_over_lr`` for writers that log
+    only the stability line beside each measurement."""
+    t_lr, lr = run.series("lr")
+    if t_lr.size:
+        return t_lr, lr
+    t_two, two_over_lr = run.series("sharpness/two_over_lr")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return t_two, np.where(two_over_lr > 0, 2.0 / two_over_lr, np.nan)
+
+
+def summarize_run(run: Run, opts: AnalysisOptions, *, require_metric: bool = True) -> RunSummary:
+    """Everything the analysis needs of one run. ``require_metric=False`` reads a run that
+    never logs the metric too (a run report shows its losses); its sharpness is then empty."""
     t, s = run.series(opts.metric)  # each series is read (and validated) once
-    if t.size == 0:
+    if t.size == 0 and require_metric:
         raise UserError(f"run '{run.path}' logs no '{opts.metric}'; pick the sharpness metric with --metric")
     t_loss, loss = run.series(LOSS)
     t_grad, grad = run.series(GRAD_NORM)
     accuracy = _accuracy_tasks(run)
     val_losses = {k.split("/")[1]: run.last(k) for k in sorted(run.keys())
                   if k.startswith("eval/") and k.endswith("/loss") and k.count("/") == 2}
-    edge_ratio, frac_above = _edge_of_stability(t, s, *run.series("lr"))
+    edge_ratio, frac_above = _edge_of_stability(t, s, *lr_series(run))
     measure_finals, measure_r = {}, {}
     for name, key in MEASURES.items():
         t_m, values = (t, s) if key == opts.metric else run.series(key)
@@ -136,7 +152,8 @@ def summarize_run(run: Run, opts: AnalysisOptions) -> RunSummary:
         measure_finals=measure_finals, measure_r=measure_r,
         early={h: early_mean(t, s, h) for h in opts.early_horizons},
         final_val_loss=run.last(VAL_LOSS), val_losses={k: v for k, v in val_losses.items() if math.isfinite(v)},
-        edge_ratio=edge_ratio, frac_above_edge=frac_above, failed_share=float(np.mean(~np.isfinite(s))),
+        edge_ratio=edge_ratio, frac_above_edge=frac_above,
+        failed_share=float(np.mean(~np.isfinite(s))) if s.size else float("nan"),
         failed_reasons={k.rsplit("/", 1)[1]: int(np.nansum(run.series(k)[1])) for k in sorted(run.keys())
                         if k.startswith("sharpness/failed/")})
 
@@ -162,9 +179,22 @@ class StudyAnalysis:
     runs: list[RunSummary] = field(default_factory=list)
     scaling: ScalingLaw | None = None
     options: AnalysisOptions = field(default_factory=AnalysisOptions)
+    ladder: frozenset[Path] | None = None
+    """Paths of the runs fitted across sizes; None: the runs of group 'scales' (a study)."""
+    kind: str = "study"
+    """"study": the simulated or measured study's analysis; "runs": a report of arbitrary
+    runs (per-run readings, and the cross-scale analysis only when they hold 3 sizes)."""
+    notes: list[str] = field(default_factory=list)
+    """One-line statements of what was skipped and why (printed and shown in the report)."""
 
     def group(self, name: str) -> list[RunSummary]:
         return [r for r in self.runs if name in r.run.groups]
+
+    def scale_runs(self) -> list[RunSummary]:
+        """The runs that the cross-scale statistics are fitted across."""
+        if self.ladder is None:
+            return self.group("scales")
+        return [r for r in self.runs if r.run.path in self.ladder]
 
 
 def _by_model(runs: list[RunSummary]) -> list[list[RunSummary]]:
@@ -175,10 +205,19 @@ def _by_model(runs: list[RunSummary]) -> list[list[RunSummary]]:
 
 
 def analyze_runs(runs: list[Run], opts: AnalysisOptions | None = None) -> StudyAnalysis:
+    """The study analysis: every run logs the metric and the 'scales' group holds at least
+    3 model sizes (anything else is a UserError; :func:`analysis.runset.analyze_any`
+    reads any runs)."""
     opts = opts or AnalysisOptions()
-    summaries = [summarize_run(r, opts) for r in runs]
-    out = StudyAnalysis(runs=summaries, options=opts)
-    scale_runs = out.group("scales")
+    return analyze_summaries([summarize_run(r, opts) for r in runs], opts)
+
+
+def analyze_summaries(summaries: list[RunSummary], opts: AnalysisOptions,
+                      ladder: frozenset[Path] | None = None) -> StudyAnalysis:
+    """The study analysis of runs already summarised; ``ladder``: the paths of the runs to
+    fit across sizes (default: group 'scales')."""
+    out = StudyAnalysis(runs=summaries, options=opts, ladder=ladder)
+    scale_runs = out.scale_runs()
     models = _by_model(scale_runs)
     if len(models) < 3:
         raise UserError(f"the study has {len(models)} model size(s) in its 'scales' group; "
@@ -294,7 +333,7 @@ def analyze_runs(runs: list[Run], opts: AnalysisOptions | None = None) -> StudyA
 
     # --- extrapolation ------------------------------------------------------------------
     extra_models = _by_model(out.group("extrapolation"))
-    targets = [g[0].run.n_params for g in extra_models] or list(opts.extrapolate)
+    targets = [g[0].run.n_params for g in extra_models] or list(opts.extrapolate or DEFAULT_EXTRAPOLATION)
     observed = {g[0].run.n_params: (g[0].run.model, _mean(r.final for r in g)) for g in extra_models}
     out.tables["extrapolation"] = []
     for pred in law.predict(targets):
@@ -309,7 +348,8 @@ def analyze_runs(runs: list[Run], opts: AnalysisOptions | None = None) -> StudyA
         out.tables["training"] = [_training_row(r) for r in sorted(out.group("training"), key=lambda r: r.run.n_params)]
 
     # --- early prediction ---------------------------------------------------------------
-    plain = [r for r in summaries if {"scales", "extrapolation"} & set(r.run.groups)]
+    ladder_ids = {id(r) for r in scale_runs}
+    plain = [r for r in summaries if id(r) in ladder_ids or "extrapolation" in r.run.groups]
     out.tables["early_prediction"] = [_early_prediction(plain, h) for h in opts.early_horizons]
 
     # --- summary ------------------------------------------------------------------------

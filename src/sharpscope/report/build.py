@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-from ..analysis.study import AnalysisOptions, StudyAnalysis, analyze_runs
+from ..analysis.runset import analyze_any
+from ..analysis.study import AnalysisOptions, StudyAnalysis
 from ..analysis.tables import write_summary, write_tables
 from ..errors import UserError
 from ..runs import read_study
@@ -21,8 +23,11 @@ class ReportResult:
 
 
 def write_report(study: str | Path, out: str | Path, *, figures: bool = True,
-                 options: AnalysisOptions | None = None, title: str = "sharpscope study report") -> ReportResult:
-    """Read every run under ``study``, analyse, and write the report under ``out``.
+                 options: AnalysisOptions | None = None, title: str | None = None,
+                 groups: Sequence[str] | None = None) -> ReportResult:
+    """Read every run under ``study`` (one run, or any tree of runs), analyse, and write the
+    report under ``out``: the study report for a complete study, else a run report
+    (:func:`~sharpscope.analysis.runset.analyze_any`; ``groups``: the runs to fit across).
 
     Everything is analysed before anything is written, so a bad input leaves an existing
     report untouched; each file is then replaced atomically.
@@ -30,7 +35,9 @@ def write_report(study: str | Path, out: str | Path, *, figures: bool = True,
     study, out = Path(study), Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a directory; choose another --out")
-    analysis = analyze_runs(read_study(study), options)
+    analysis = analyze_any(read_study(study), options, groups)
+    if title is None:
+        title = "sharpscope study report" if analysis.kind == "study" else "sharpscope run report"
     return write_analysis_report(analysis, out, figures=figures, title=title)
 
 

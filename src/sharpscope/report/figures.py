@@ -15,7 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..analysis.study import GRAD_NORM, LOSS, MEASURES, StudyAnalysis, _by_model  # noqa: E402
+from ..analysis.runset import ordered, phase_verdict, run_keys, run_labels  # noqa: E402
+from ..analysis.study import GRAD_NORM, LOSS, MEASURES, StudyAnalysis, _by_model, lr_series  # noqa: E402
 from ..runs import atomic_write_png  # noqa: E402
 
 DPI = 90
@@ -39,7 +40,7 @@ def _size_axis(ax, ylabel: str) -> None:
 
 
 def trajectories(a: StudyAnalysis):
-    models = _by_model(a.group("scales"))
+    models = _by_model(a.scale_runs())
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for color, g in zip(_colors(len(models)), models):
         r = g[0]
@@ -54,7 +55,7 @@ def trajectories(a: StudyAnalysis):
 
 
 def loss(a: StudyAnalysis):
-    models = _by_model(a.group("scales"))
+    models = _by_model(a.scale_runs())
     fig, ax = plt.subplots(figsize=(7, 4.2))
     shown = False
     for color, g in zip(_colors(len(models)), models):
@@ -105,7 +106,7 @@ def scaling_law(a: StudyAnalysis):
 
 
 def sharpness_gradient(a: StudyAnalysis):
-    models = _by_model(a.group("scales"))
+    models = _by_model(a.scale_runs())
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     shown = False
     for color, g in zip(_colors(len(models)), models):
@@ -193,7 +194,7 @@ def pac_bayes(a: StudyAnalysis):
 
 
 def measures(a: StudyAnalysis):
-    models = _by_model(a.group("scales"))
+    models = _by_model(a.scale_runs())
     names = [row["measure"] for row in a.tables.get("measures", [])]
     if len(names) < 2:
         return None
@@ -267,7 +268,9 @@ def training(a: StudyAnalysis):
 
 def extrapolation(a: StudyAnalysis):
     law = a.scaling
-    rows = a.tables["extrapolation"]
+    rows = a.tables.get("extrapolation")
+    if not rows:  # a run report extrapolates only when asked to
+        return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     n_max = max([law.n_params.max()] + [r["n_params"] for r in rows])
     grid = np.logspace(np.log10(law.n_params.min()), np.log10(n_max) + 0.1, 100)
@@ -311,12 +314,160 @@ FIGURES: dict[str, Callable[[StudyAnalysis], object]] = {
 
 
 def write_figures(a: StudyAnalysis, out: Path) -> dict[str, Path]:
-    """Render every figure that has data; returns name -> PNG path."""
+    """Render every figure that has data; returns name -> PNG path.
+
+    A run report (``a.kind == "runs"``) has the study's figures only when it fitted across
+    sizes (the 'training' figure aside: every run has its own figure there), an overlay of
+    the runs when it did not, and one figure per run."""
     folder = Path(out) / "figures"
     written = {}
-    for name, make in FIGURES.items():
+    study_figures = FIGURES if a.kind == "study" else (
+        {k: v for k, v in FIGURES.items() if k != "training"} if a.scaling is not None else {})
+    for name, make in study_figures.items():
         fig = make(a)
         if fig is None:
             continue
         written[name] = atomic_write_png(fig, folder / f"{name}.png", DPI)
+    if a.kind == "runs":
+        if a.scaling is None:
+            fig = overlay(a)
+            if fig is not None:
+                written["overlay"] = atomic_write_png(fig, folder / "overlay.png", DPI)
+        for name, fig in run_figures(a):
+            written[name] = atomic_write_png(fig, folder / f"{name}.png", DPI)
     return written
+
+
+# --- run reports ------------------------------------------------------------------------
+
+MEASURE_LABELS = {
+    "sharpness/critical": "critical sharpness λ_c", "sharpness/lambda_max": "λ_max (top Hessian eigenvalue)",
+    "sharpness/trace_per_param": "tr(H) / P", "sharpness/preconditioned": "preconditioned λ_max (Adam)",
+}
+AXIS_LABELS = {"sharpness/critical": "λ_c", "sharpness/lambda_max": "λ_max",
+               "sharpness/trace_per_param": "tr(H) / P", "sharpness/preconditioned": "preconditioned λ_max"}
+# Stability lines drawn beside a measure: the step's 2/lr for λ_c and λ_max (gradient
+# descent's edge), and Adam's (2 + 2β1)/((1 − β1)·lr) = 38/lr at β1 = 0.9 for the
+# preconditioned Hessian. The trace has no such line.
+STABILITY_LINES = {
+    "sharpness/critical": (2.0, "2/lr (edge of stability)"),
+    "sharpness/lambda_max": (2.0, "2/lr"),
+    "sharpness/preconditioned": (38.0, "38/lr (Adam, β1 = 0.9)"),
+}
+
+
+def _sorted(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(t, kind="stable")
+    return t[order], v[order]
+
+
+def _log_if_positive(ax, *arrays) -> None:
+    """Log y when every finite value shown is positive: λ_c and 2/lr differ by decades."""
+    values = np.concatenate([np.asarray(v, dtype=float).ravel() for v in arrays]) if arrays else np.array([])
+    values = values[np.isfinite(values)]
+    if values.size and np.all(values > 0):
+        ax.set_yscale("log")
+
+
+def _measure_panel(ax, run, key: str, t: np.ndarray, v: np.ndarray, t_lr: np.ndarray, lr: np.ndarray) -> None:
+    t, v = _sorted(t, v)
+    ok = np.isfinite(v)
+    ax.plot(t[ok], v[ok], ".-", lw=1, ms=4, label=MEASURE_LABELS.get(key, key))
+    shown = [v[ok]]
+    if key in STABILITY_LINES and t_lr.size:
+        factor, label = STABILITY_LINES[key]
+        tl, line = _sorted(t_lr, np.where(lr > 0, factor / np.where(lr > 0, lr, 1.0), np.nan))
+        keep = np.isfinite(line)
+        if keep.any():
+            ax.plot(tl[keep], line[keep], "k--", lw=1, label=label)
+            shown.append(line[keep])
+    if (~ok).any():  # failed measurements: a mark on the time axis, since they have no value
+        ax.plot(t[~ok], np.full(int((~ok).sum()), 0.03), "x", color="C3", ms=6,
+                transform=ax.get_xaxis_transform(), label=f"failed ({int((~ok).sum())} of {v.size})")
+    _log_if_positive(ax, *shown)
+    ax.set_ylabel(AXIS_LABELS.get(key, key.split("/", 1)[-1]))
+    _legend(ax)
+
+
+def run_figure(r, label: str, metric: str):
+    """One run: every sharpness measure it logs over t (the metric first, with the detected
+    phases and the 2/lr line), then its losses. None when it logs neither."""
+    run = r.run
+    keys = [metric] + [k for k in MEASURE_LABELS if k != metric and np.isfinite(run.series(k)[1]).any()]
+    if r.t.size == 0:
+        keys = keys[1:]
+    t_loss, train_loss = run.series(LOSS)
+    t_eval, eval_loss = run.series("eval/loss")
+    has_loss = bool(np.isfinite(train_loss).any() or np.isfinite(eval_loss).any())
+    n = len(keys) + has_loss
+    if n == 0:
+        return None
+    fig, axes = plt.subplots(n, 1, figsize=(7.5, 2.3 * n + 0.7), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    t_lr, lr = lr_series(run)
+    for ax, key in zip(axes, keys):
+        t, v = (r.t, r.sharpness) if key == metric else run.series(key)
+        _measure_panel(ax, run, key, t, v, t_lr, lr)
+    if keys and keys[0] == metric:
+        ax = axes[0]
+        ph = r.phases
+        if ph.preserved:
+            ax.axvline(ph.t_peak, color="C2", lw=0.8, ls=":")
+            if np.isfinite(ph.t_plateau):
+                ax.axvspan(ph.t_plateau, float(np.nanmax(r.t)), color="C2", alpha=0.08)
+        verdict = phase_verdict(r)
+        reading = {"yes": "rise, decay, plateau (dotted: peak; shaded: plateau)",
+                   "no": f"not three-phase: {ph.reason}", "undecidable": f"undecidable: {ph.reason}"}[verdict]
+        ax.set_title(f"three-phase reading: {reading}", fontsize=9)
+    if has_loss:
+        ax = axes[-1]
+        if np.isfinite(train_loss).any():
+            ax.plot(*_sorted(t_loss, train_loss), lw=1, label=LOSS)
+        if np.isfinite(eval_loss).any():
+            ax.plot(*_sorted(t_eval, eval_loss), "o-", ms=3, lw=1, label="eval/loss")
+        ax.set_ylabel("loss")
+        _legend(ax)
+    axes[-1].set_xlabel("training progress t")
+    model = f" ({run.model})" if run.model != label else ""
+    fig.suptitle(f"{label}{model}: {run.n_params:,.0f} parameters, group {', '.join(run.groups)}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def run_figures(a: StudyAnalysis):
+    """(figure name, figure) of every run of a run report that logs anything to plot."""
+    for r, label, key in run_keys(ordered(a.runs)):
+        fig = run_figure(r, label, a.options.metric)
+        if fig is not None:
+            yield f"run-{key}", fig
+
+
+def overlay(a: StudyAnalysis):
+    """Every run's metric on one axis (and losses below): the runs side by side when there
+    are too few sizes to fit across them."""
+    runs = [(r, label) for r, label in zip(ordered(a.runs), run_labels(ordered(a.runs)))
+            if np.isfinite(r.sharpness).any()]
+    if len(runs) < 2:
+        return None
+    losses = [(r, label, *r.run.series(LOSS)) for r, label in runs]
+    has_loss = any(np.isfinite(v).any() for *_, v in losses)
+    fig, axes = plt.subplots(1 + has_loss, 1, figsize=(7.5, 3.4 * (1 + has_loss)), sharex=True, squeeze=False)
+    ax = axes[0, 0]
+    for color, (r, label) in zip(_colors(len(runs)), runs):
+        t, v = _sorted(r.t, r.sharpness)
+        ok = np.isfinite(v)
+        ax.plot(t[ok], v[ok], ".-", color=color, lw=1, ms=3, label=label)
+    _log_if_positive(ax, *[r.sharpness for r, _ in runs])
+    ax.set_ylabel(a.options.metric)
+    ax.set_title("The runs side by side")
+    _legend(ax)
+    if has_loss:
+        ax2 = axes[1, 0]
+        for color, (r, label, t, v) in zip(_colors(len(runs)), losses):
+            if np.isfinite(v).any():
+                ax2.plot(*_sorted(t, v), color=color, lw=1, label=label)
+        ax2.set_ylabel(LOSS)
+        _legend(ax2)
+    axes[-1, 0].set_xlabel("training progress t")
+    fig.tight_layout()
+    return fig

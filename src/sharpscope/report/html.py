@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from ..analysis.runset import describe_run, ordered, run_keys
 from ..analysis.study import StudyAnalysis
 from ..analysis.tables import format_value
 from ..runs import atomic_write_text
@@ -25,6 +26,7 @@ FIGURE_CAPTIONS = {
     "extrapolation": "Log-linear extrapolation with 95% intervals of the fitted mean, against observed values.",
     "phases": "Mean sharpness in the three fixed windows.",
     "training": "Measured training runs: critical sharpness along the optimizer's update against 2/lr, λ_max, and the losses.",
+    "overlay": "Every run's sharpness over training progress t (and training loss), side by side.",
 }
 
 TABLE_TITLES = {
@@ -33,6 +35,7 @@ TABLE_TITLES = {
     "measures_by_scale": "Three measures: final values", "schedules": "Schedules", "ablations": "Ablations",
     "extrapolation": "Extrapolation", "early_prediction": "Early prediction of final sharpness",
     "training": "Measured training runs", "claims": "The simulated study's claims tested on these runs",
+    "runs": "Runs",
 }
 
 CSS = """
@@ -60,6 +63,15 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _headline(a: StudyAnalysis) -> list[tuple[str, str]]:
+    if a.kind == "runs":
+        items = [("Runs analysed", f"{a.summary['n_runs']} ({', '.join(a.summary['sources'])})"),
+                 ("Across sizes", "; ".join(a.notes))]
+        # with a ladder of 3 sizes the study's headline follows (its own run count aside)
+        return items + (_study_headline(a)[1:] if a.scaling is not None else [])
+    return _study_headline(a)
+
+
+def _study_headline(a: StudyAnalysis) -> list[tuple[str, str]]:
     s = a.summary
     f = s["scaling_law"]
     items = [
@@ -79,7 +91,7 @@ def _headline(a: StudyAnalysis) -> list[tuple[str, str]]:
     if s["measure_correlations"]:
         items.append(("Cross-measure correlation of finals",
                       ", ".join(f"{k}: {v:.4f}" for k, v in s["measure_correlations"].items())))
-    for h, e in s["early_prediction"].items():
+    for h, e in s.get("early_prediction", {}).items():  # a run report leaves it out below 4 runs
         items.append((f"Early prediction from the first {float(h):.0%}",
                       f"R² {format_value(e['r2'])} in sample, {format_value(e['loo_r2'])} leave-one-out (n = {e['n']})"))
     return items
@@ -96,8 +108,27 @@ def table_html(rows: list[dict[str, Any]]) -> str:
     return _table(rows)
 
 
+def runs_html(a: StudyAnalysis, figures: dict[str, Path]) -> str:
+    """A run report's section: per run, its reading in one line and its figure."""
+    rows = {row["run"]: row for row in a.tables.get("runs", [])}
+    parts = [f"<p class='note'>One figure per run: every sharpness measure it logs over training progress t "
+             f"(<code>{html.escape(a.options.metric)}</code> first, against the 2/lr line; failed measurements "
+             "marked × on the time axis), then its losses. Columns of every run: the Runs table.</p>"]
+    for r, label, key in run_keys(ordered(a.runs)):
+        row = rows.get(label, {})
+        about = f"{r.run.n_params:,.0f} parameters, group {', '.join(r.run.groups)}, {r.run.config.get('source', '')}"
+        parts.append(f"<h3 id='run-{html.escape(key)}'>{html.escape(label)}</h3>"
+                     f"<p>{html.escape(about)}: {html.escape(describe_run(row))}</p>")
+        name = f"run-{key}"
+        if name in figures:
+            parts.append(figure_html(name, figures[name], f"{label}: sharpness and loss over training"))
+    return "\n".join(parts)
+
+
 def render_html(a: StudyAnalysis, figures: dict[str, Path], title: str = "sharpscope study report",
                 sections: list[tuple[str, str, str]] | None = None) -> str:
+    if a.kind == "runs":
+        sections = [("runs", "Runs", runs_html(a, figures))] + list(sections or [])
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p class='note'>Metric: <code>{html.escape(a.options.metric)}</code>. Final value = {a.options.final_statistic} of the "
