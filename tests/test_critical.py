@@ -343,6 +343,161 @@ def test_monitor_state_round_trip_keeps_the_warm_start():
     assert restored.measurements == 1
 
 
+# ---- float32, small losses, flat profiles ------------------------------------------------
+# The band that tells a decrease from rounding is relative to L0, and a probe inside it does
+# not send the search towards zero. A fixed band, 16·eps·max(|L0|, 1), read every float32
+# decrease below 1.9e-6 as an increase; halving from probes inside the band ends in
+# "not_descent" on a profile that is flat to rounding near η = 0.
+
+LOSS_SCALES = [1.0, 1e-2, 1e-4, 2e-5, 1e-6]
+
+
+def _float32_least_squares(seed, loss0):
+    """The least-squares problem in float32 with its loss scaled so L0 = ``loss0``; H and g
+    in float64 from the float32 data, i.e. from what the float32 model really holds.
+    λ_c = dᵀHd/gᵀd does not depend on the scale: L and L0 scale alike."""
+    model, (X, y), _, _ = least_squares_problem(seed=seed)
+    model, X, y = model.float(), X.float(), y.float()
+    Xd, yd = X.double(), y.double().reshape(-1)
+    w = model.weight.detach().double().reshape(-1)
+    H = Xd.T @ Xd / Xd.shape[0]
+    g = H @ w - Xd.T @ yd / Xd.shape[0]
+    scale = loss0 / float(0.5 * ((Xd @ w - yd) ** 2).mean())
+
+    def loss_fn(m, batch):
+        return scale * least_squares_loss(m, batch)
+
+    return model, loss_fn, (X, y), H, g
+
+
+def _check_against_truth(result, truth, name, margin):
+    """Status ok, λ_c within rtol of the truth, and the true η_c inside the bracket up to
+    ``margin``: the float32 loss is the exact one plus rounding, which moves the crossing
+    the probes see by (rounding of L)/(4·depth of the well) of η_c."""
+    assert result.status == "ok", (name, result.status, result.loss0)
+    assert abs(result.sharpness - truth) <= RTOL * truth, (name, result.sharpness, truth)
+    lo, hi = result.bracket
+    eta_c = 2 / truth
+    assert lo <= eta_c * (1 + margin) and eta_c <= hi * (1 + margin), (name, lo, eta_c, hi)
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+@pytest.mark.parametrize("loss0", LOSS_SCALES)
+def test_float32_least_squares_at_every_loss_scale(method, loss0):
+    for seed in range(3):
+        model, loss_fn, batch, H, g = _float32_least_squares(seed, loss0)
+        for name, d in _directions(g, seed).items():
+            d = d.float().double()  # the direction the float32 search really follows
+            assert float(g @ d) > 0, name
+            truth = float(d @ H @ d / (g @ d))
+            result = critical_sharpness(model, loss_fn, batch, _as_direction(d.float()), method=method)
+            assert result.loss0 == pytest.approx(loss0, rel=1e-5)
+            # rounding of eps·L0 in a well of depth of order L0: about 1e-6 of η_c
+            _check_against_truth(result, truth, (seed, name), margin=1e-4)
+            if method == "fast":
+                # Interpolating f is exact for a quadratic; float32 rounding of the losses
+                # leaves about 1e-7.
+                assert result.sharpness == pytest.approx(truth, rel=1e-3), (seed, name)
+        # and uphill, the same band must not take rounding for a decrease
+        uphill = critical_sharpness(model, loss_fn, batch, _as_direction(-g.float()), method=method)
+        assert uphill.status == "not_descent", (seed, uphill.probes)
+
+
+def _near_fit_least_squares(seed, residual):
+    """Float32 least squares fitted to within ``residual``: predictions of order 1, residuals
+    of order ``residual``, so the residuals cancel in float32 and the loss carries rounding
+    far above eps·L0 (measured up to 1e-4·L0 at residual 1e-3, 1e-3·L0 at 1e-4)."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, 10, generator=gen, dtype=torch.float64)
+    X = X * torch.linspace(0.3, 3.0, 10, dtype=torch.float64)
+    w_star = torch.randn(10, generator=gen, dtype=torch.float64)
+    y = X @ w_star + residual * torch.randn(256, generator=gen, dtype=torch.float64)
+    w = w_star + 0.3 * residual * torch.randn(10, generator=gen, dtype=torch.float64)
+    model = torch.nn.Linear(10, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w.reshape(1, -1))
+    X, y = X.float(), y.float().reshape(-1, 1)
+    Xd, yd = X.double(), y.double().reshape(-1)
+    wd = model.weight.detach().double().reshape(-1)
+    H = Xd.T @ Xd / Xd.shape[0]
+    g = H @ wd - Xd.T @ yd / Xd.shape[0]
+    return model, (X, y), H, g
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+@pytest.mark.parametrize("residual", [1e-3, 1e-4])
+def test_float32_least_squares_near_its_minimum(method, residual):
+    for seed in range(2):
+        model, batch, H, g = _near_fit_least_squares(seed, residual)
+        for name, d in _directions(g, seed).items():
+            d = d.float().double()
+            truth = float(d @ H @ d / (g @ d))
+            result = critical_sharpness(model, least_squares_loss, batch, _as_direction(d.float()), method=method)
+            assert result.loss0 < 1e-5
+            # rounding up to 1e-3·L0 in wells 0.3–0.5·L0 deep: the crossing moves by up to
+            # about 1e-3 of η_c (1.5e-4 measured)
+            _check_against_truth(result, truth, (seed, name), margin=5e-3)
+            uphill = critical_sharpness(model, least_squares_loss, batch, _as_direction(-d.float()), method=method)
+            assert uphill.status == "not_descent", (seed, name)
+
+
+def _polynomial_profile(*coefficients, scale=1.0):
+    """A one-parameter float32 model whose loss along d = −1 from w = 0 is
+    scale·(1 + Σ_k c_k·η^k), k = 1, 2, …: the profile is known in closed form."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+
+    def loss_fn(m, batch):
+        t = m.weight.reshape(())
+        return scale * (1.0 + sum(c * t ** (k + 1) for k, c in enumerate(coefficients)))
+
+    return model, loss_fn, [-torch.ones(1, 1)]
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+@pytest.mark.parametrize("scale", [1.0, 1e-6])
+@pytest.mark.parametrize("eta0", [None, 1e-4])
+def test_profile_flat_near_zero_then_a_well(method, scale, eta0):
+    # L(η) = s·(1 − η³ + η⁴): no slope at η = 0, so short steps change the float32 loss by
+    # less than its rounding (η³ < 16·eps up to η ≈ 0.012, the default η0 is 0.01), yet the
+    # loss falls well below L0 further out and rises again past η_c = 1 exactly. A search
+    # that reads flat probes as increases halves towards zero and reports "not_descent";
+    # the right answer is λ_c = 2.
+    model, loss_fn, d = _polynomial_profile(0.0, 0.0, -1.0, 1.0, scale=scale)
+    result = critical_sharpness(model, loss_fn, None, d, method=method, eta0=eta0)
+    assert result.status == "ok", result.probes
+    lo, hi = result.bracket
+    assert lo <= 1.0 <= hi * (1 + 1e-6)
+    assert abs(result.sharpness - 2.0) <= RTOL * 2.0
+    # and the search did probe where the float32 loss equals L0 to rounding (16·eps)
+    near_zero = [loss for eta, loss in result.probes if eta < 0.012]
+    assert near_zero and all(abs(loss / scale - 1) <= 16 * 2**-23 for loss in near_zero)
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+def test_profile_flat_near_zero_then_rising_is_not_descent(method):
+    # L(η) = 1 + η³ never falls below L0: flat to rounding near 0, risen beyond. The search
+    # goes up from the flat probes, meets the rise, then looks below it down to the
+    # parameters' rounding limit, and ends "not_descent" well within its budget.
+    model, loss_fn, d = _polynomial_profile(0.0, 0.0, 1.0)
+    result = critical_sharpness(model, loss_fn, None, d, method=method)
+    assert result.status == "not_descent", result.probes
+    assert result.evals < 64 and math.isnan(result.sharpness)
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+def test_profile_flat_everywhere_is_no_increase(method):
+    # A direction that does not change the loss at all (every probe equals L0): there is no
+    # η with L > L0, so the outcome is "no_increase" at eta_max, reached going up, not
+    # "not_descent" reached by halving towards zero.
+    model, loss_fn, d = _polynomial_profile(0.0, scale=0.5)
+    result = critical_sharpness(model, loss_fn, None, d, method=method, eta_max=1e6)
+    assert result.status == "no_increase", result.probes
+    assert all(loss == 0.5 for _, loss in result.probes)
+    assert max(eta for eta, _ in result.probes) <= 1e6 and result.evals < 64
+
+
 # ---- defined outcomes --------------------------------------------------------------------
 
 def test_zero_direction():

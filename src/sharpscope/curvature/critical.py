@@ -6,7 +6,7 @@ quadratic loss, L(θ − ηd) = L − η·gᵀd + ½η²·dᵀHd, so η_c = 2·g
 λ_c = dᵀHd/gᵀd (for d = g a weighted mean of Hessian eigenvalues, so λ_c ≤ λ_max).
 
 Two searches with the same stopping rule (a bracket [η_lo, η_hi] verified by probes,
-L(η_lo) ≤ L0 < L(η_hi), with 1 − η_lo/η_hi ≤ rtol):
+L(η_lo) < L0 − band ≤ L(η_hi) with the rounding band below, and 1 − η_lo/η_hi ≤ rtol):
 
 * ``method="paper"``: the reference search. Double η from η0 while the loss does not
   increase (halve while it does) until a bracket exists, then bisect it. η_c is the
@@ -18,6 +18,15 @@ L(η_lo) ≤ L0 < L(η_hi), with 1 − η_lo/η_hi ≤ rtol):
   linear interpolation of f between the bracketing probes (exact for a quadratic).
   A warm start (the previous result) supplies both η0 and the slope of f, which makes a
   good first prediction possible from a single probe.
+
+A probe counts as decreased only when its loss is below L0 by more than the rounding of
+L0 (a band of 16·eps·|L0|, relative at every scale). A probe within the band is "flat":
+above a decreased probe it closes the bracket like an increase (η_c to rounding), but
+before any decrease it does not send the search towards zero. Near η = 0 the decrease is
+too small to show, so after one probe just below a first flat probe (which may sit at η_c
+to rounding), both searches step up from flat probes (the paper search doubling, the fast
+search by FLAT_GROWTH) until the loss falls or rises; a loss that stays flat up to eta_max
+ends "no_increase".
 """
 
 from __future__ import annotations
@@ -43,14 +52,26 @@ __all__ = [
 STATUSES = {
     "ok": "bracket found and narrowed to rtol",
     "zero_direction": "the direction is zero",
-    "not_descent": "the loss increases for every step size tried: not a descent direction",
+    "not_descent": (
+        "the loss does not decrease beyond rounding for any step size tried: "
+        "not a descent direction"
+    ),
     "no_increase": "the loss does not increase for any step size tried, up to eta_max",
     "max_evals": "the evaluation budget ran out before the bracket reached rtol",
 }
 
 
+# Width of the rounding band, in units of eps·|L0| (see _rounding_band).
+BAND_ULPS = 16.0
 # Largest factor one fast-search probe may move away from the probes so far.
 MAX_GROWTH = 64.0
+# Factor the fast search steps up by from a flat probe (one equal to L0 up to rounding)
+# while nothing has decreased yet. For a quadratic profile the decreased probes span η
+# from about band/a to η_c − band/a (a = gᵀd), a ratio of about 4D/band where D is the
+# depth of the well, so steps of 8 cannot pass over a well with D > 2·band. A shallower
+# well cannot be measured to the default rtol anyway: the band moves the crossing down
+# by band/(4D) of η_c, more than 1/8 there.
+FLAT_GROWTH = 8.0
 
 
 class NonFiniteLossError(ValueError):
@@ -102,10 +123,20 @@ class CriticalSharpnessResult:
 class _Profile:
     """Loss along θ0 − η·d, with the probes recorded.
 
-    A probe counts as "increased" when its loss is above L0 by more than ``band``, or is
-    not finite. A loss within ``band`` of L0 also counts as increased: such a difference
-    is rounding, not descent, and taking it for descent would accept a bracket made of
-    noise (an uphill direction would then get a finite λ_c instead of "not_descent").
+    Each probe is one of three kinds, by its loss L against L0 and ``band`` (the rounding
+    of a loss of size L0):
+
+    * decreased: L < L0 − band, a decrease that rounding cannot explain;
+    * flat: |L − L0| ≤ band, equal to L0 up to rounding;
+    * risen: L > L0 + band, or L not finite.
+
+    Flat and risen probes both count as "increased" for the bracket: a flat probe above a
+    decreased one marks η_c to rounding, and taking a flat probe for descent would accept a
+    bracket made of noise (an uphill direction would get a finite λ_c instead of
+    "not_descent"). Where no probe has decreased yet, flat and risen differ: a flat probe
+    says the step is too short for the change of the loss to show (or the loss does not
+    change at all), so the searches look for η_c above it, never below (see
+    ``_paper_search`` and ``_fast_search``).
     """
 
     def __init__(self, objective: Objective, params, origin, direction, loss0: float, band: float):
@@ -117,16 +148,18 @@ class _Profile:
         self.band = band
         self.probes: list[tuple[float, float]] = []
 
-    def probe(self, eta: float) -> tuple[float, bool]:
-        """(f(η), increased) with f(η) = (L(θ0 − η·d) − L0)/η, +inf for a non-finite loss."""
+    def probe(self, eta: float) -> tuple[float, bool, bool]:
+        """(f(η), increased, flat) with f(η) = (L(θ0 − η·d) − L0)/η, +inf for a non-finite
+        loss; increased means not decreased (flat or risen)."""
         with torch.no_grad():
             for p, o, d in zip(self.params, self.origin, self.direction):
                 p.copy_(o).add_(d, alpha=-eta)
         loss = self.objective.value()
         self.probes.append((eta, loss))
         if not math.isfinite(loss):
-            return math.inf, True
-        return (loss - self.loss0) / eta, loss > self.loss0 - self.band
+            return math.inf, True, False
+        change = loss - self.loss0
+        return change / eta, not change < -self.band, abs(change) <= self.band
 
     @property
     def evals(self) -> int:
@@ -145,50 +178,77 @@ def _secant_root(a: tuple[float, float], b: tuple[float, float]) -> float | None
 
 
 class _Bracket:
-    """Largest probed η with f ≤ 0 (lo) and smallest with f > 0 (hi)."""
+    """Largest probed η that decreased the loss (lo) and the smallest η above it that did
+    not (hi); before any decrease, hi is the smallest probe.
+
+    Flat probes (see _Profile) below lo are left out of hi: they are steps too short for
+    the decrease to show, not evidence that η_c lies below lo.
+    """
 
     def __init__(self):
-        self.lo: tuple[float, float] | None = None
-        self.hi: tuple[float, float] | None = None
-        self.below: list[tuple[float, float]] = []  # probes with f <= 0, ascending η
-        self.above: list[tuple[float, float]] = []  # probes with f > 0, ascending η
+        self.below: list[tuple[float, float]] = []  # decreased probes (η, f), ascending η
+        self.above: list[tuple[float, float]] = []  # flat or risen probes, ascending η
+        self.flat: list[tuple[float, float]] = []  # the flat ones among them
+        self.risen: list[tuple[float, float]] = []  # the risen ones among them
 
-    def add(self, eta: float, probe: tuple[float, bool]) -> None:
-        f, increased = probe
+    def add(self, eta: float, probe: tuple) -> None:
+        """``probe`` is (f, increased) or (f, increased, flat); flat defaults to False."""
+        f, increased = probe[0], probe[1]
+        flat = len(probe) > 2 and probe[2]
         if increased:
             self.above.append((eta, f))
             self.above.sort()
-            self.hi = self.above[0]
+            (self.flat if flat else self.risen).append((eta, f))
+            self.flat.sort()
+            self.risen.sort()
         else:
             self.below.append((eta, f))
             self.below.sort()
-            self.lo = self.below[-1]
+
+    @property
+    def lo(self) -> tuple[float, float] | None:
+        return self.below[-1] if self.below else None
+
+    def upper(self) -> list[tuple[float, float]]:
+        """The increased probes above lo, ascending η (all of them while lo is None)."""
+        lo = self.lo
+        return self.above if lo is None else [p for p in self.above if p[0] > lo[0]]
+
+    @property
+    def hi(self) -> tuple[float, float] | None:
+        upper = self.upper()
+        return upper[0] if upper else None
 
     def closed(self, rtol: float) -> bool:
-        return (
-            self.lo is not None and self.hi is not None and 1.0 - self.lo[0] / self.hi[0] <= rtol
-        )
+        lo, hi = self.lo, self.hi
+        return lo is not None and hi is not None and 1.0 - lo[0] / hi[0] <= rtol
 
 
 def _paper_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals) -> str:
     eta = eta0
     bracket.add(eta, profile.probe(eta))
-    if bracket.hi is None:
-        while bracket.hi is None:
-            eta *= 2.0
+    while bracket.lo is None or bracket.hi is None:
+        if bracket.lo is not None:
+            # A decrease with nothing above it yet: double.
+            eta = 2.0 * bracket.lo[0]
             if eta > eta_max:
                 return "no_increase"
-            if profile.evals >= max_evals:
-                return "max_evals"
-            bracket.add(eta, profile.probe(eta))
-    else:
-        while bracket.lo is None:
-            eta /= 2.0
+        elif not bracket.risen and len(bracket.flat) > 1:
+            # Only flat probes, and halving from the first did not decrease the loss: the
+            # steps are too short for the decrease (if any) to show, so the answer is not
+            # below them. Double from the largest instead of halving towards zero.
+            eta = 2.0 * bracket.above[-1][0]
+            if eta > eta_max:
+                return "no_increase"
+        else:
+            # The loss rose, or the one probe so far is flat (it may sit at η_c to
+            # rounding): halve below the smallest probe.
+            eta = 0.5 * bracket.above[0][0]
             if eta < eta_min:
                 return "not_descent"
-            if profile.evals >= max_evals:
-                return "max_evals"
-            bracket.add(eta, profile.probe(eta))
+        if profile.evals >= max_evals:
+            return "max_evals"
+        bracket.add(eta, profile.probe(eta))
     while not bracket.closed(rtol):
         if profile.evals >= max_evals:
             return "max_evals"
@@ -198,13 +258,14 @@ def _paper_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals) -> 
 
 
 def _predict_root(bracket: _Bracket, last: tuple[float, float], slope0: float | None) -> float | None:
-    lo, hi = bracket.lo, bracket.hi
+    lo, upper = bracket.lo, bracket.upper()
+    hi = upper[0] if upper else None
     if lo is not None and hi is not None:
         r = _secant_root(lo, hi)
         if r is None and len(bracket.below) >= 2:
             r = _secant_root(bracket.below[-2], lo)
         return r
-    side = bracket.below if hi is None else bracket.above
+    side = bracket.below if hi is None else upper
     finite = [p for p in side if math.isfinite(p[1])]
     if hi is None and len(finite) >= 2:
         return _secant_root(finite[-2], finite[-1])
@@ -225,8 +286,8 @@ def _fast_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals, slop
         width_before = (
             math.log(bracket.hi[0] / bracket.lo[0]) if bracket.lo and bracket.hi else math.inf
         )
-        f, increased = profile.probe(eta)
-        bracket.add(eta, (f, increased))
+        f, increased, flat = profile.probe(eta)
+        bracket.add(eta, (f, increased, flat))
         if bracket.closed(rtol):
             return "ok"
         lo, hi = bracket.lo, bracket.hi
@@ -248,15 +309,35 @@ def _fast_search(profile, bracket, eta0, rtol, eta_min, eta_max, max_evals, slop
             else:
                 eta = r
         elif hi is None:
-            # Only non-increasing probes so far: step up to the predicted root (at most
-            # MAX_GROWTH times), or double when there is no prediction.
+            # A decrease and nothing above it yet: step up to the predicted root (at most
+            # MAX_GROWTH times), or quadruple when there is no prediction.
             if r is None or not r > 0:
                 r = 4.0 * lo[0]
             eta = min(max(r, lo[0] * close), MAX_GROWTH * lo[0])
             if eta > eta_max:
                 return "no_increase"
+        elif not bracket.risen and len(bracket.flat) == 1:
+            # One flat probe: it may be η_c to rounding (a warm start on a profile that
+            # has not moved), so the probe that would close the bracket comes first.
+            eta = hi[0] / close
+        elif not bracket.risen:
+            # Only flat probes, the one just below the first among them: the steps are too
+            # short for the decrease (if any) to exceed rounding, so the answer is not
+            # below them. Go up; f of a flat probe is rounding and predicts nothing, so by
+            # a fixed factor that cannot step over a well deep enough to measure.
+            eta = FLAT_GROWTH * bracket.above[-1][0]
+            if eta > eta_max:
+                return "no_increase"
         else:
-            # Only increasing probes so far: step down likewise.
+            # Nothing decreased and the loss rose somewhere. A flat probe far below the
+            # smallest rise leaves a gap a well may hide in (a long step down from a rise
+            # landed in the flat region near 0): split it before going lower.
+            rise = bracket.risen[0][0]
+            flats = [p[0] for p in bracket.flat if p[0] < rise]
+            if flats and rise / flats[-1] > FLAT_GROWTH:
+                eta = math.sqrt(flats[-1] * rise)
+                continue
+            # Step down below the smallest probe likewise.
             if r is None or not r > 0:
                 # No prediction (e.g. every probe so far rose): fall faster than halving,
                 # so an uphill direction reaches "not_descent" in a few probes.
@@ -278,18 +359,39 @@ def _final_eta(bracket: _Bracket, method: str) -> float:
 
 def _bracket_slope(bracket: _Bracket) -> float:
     pairs = []
-    if bracket.lo and bracket.hi:
-        pairs.append((bracket.lo, bracket.hi))
+    upper = bracket.upper()
+    if bracket.lo and upper:
+        pairs.append((bracket.lo, upper[0]))
     if len(bracket.below) >= 2:
         pairs.append((bracket.below[-2], bracket.below[-1]))
-    if len(bracket.above) >= 2:
-        pairs.append((bracket.above[0], bracket.above[1]))
+    if len(upper) >= 2:
+        pairs.append((upper[0], upper[1]))
     for (x1, f1), (x2, f2) in pairs:
         if math.isfinite(f1) and math.isfinite(f2) and x2 != x1:
             slope = (f2 - f1) / (x2 - x1)
             if slope > 0:
                 return slope
     return math.nan
+
+
+def _rounding_band(loss0: float, finfo: torch.finfo) -> float:
+    """How far a probe's loss may sit from L0 and still be L0 up to rounding (see _Profile).
+
+    c·eps·|L0| with c = BAND_ULPS and eps that of the parameters' dtype: relative to L0 at
+    every scale, because the rounding of a loss computed in that dtype (its last rounding,
+    and the sum or mean over samples of non-negative terms) is relative to the loss,
+    however small. An absolute band, such as the floor at |L0| = 1 this had before, is
+    larger than every decrease once the loss is small (16·eps = 1.9e-6 in float32), and
+    read ordinary descent directions as "not_descent" or moved η_c down by tens of
+    percent. A band wider than rounding costs accuracy: for a well of depth D it moves
+    the measured crossing down by band/(4D) of η_c, here below 1e-5 of η_c for any well
+    deeper than 0.05·L0 in float32.
+
+    The floor, c·eps·tiny (c steps of the dtype's subnormal spacing), only acts where |L0|
+    is below the dtype's smallest normal number: there the spacing of representable
+    losses, and so their rounding, stops shrinking with L0.
+    """
+    return BAND_ULPS * finfo.eps * max(abs(loss0), finfo.tiny)
 
 
 def _check_options(method: str, rtol: float, eta0) -> None:
@@ -373,12 +475,12 @@ def search_critical_lr(
             # First probe moves the parameters by 1% of their norm.
             eta0 = 0.01 * max(theta_norm, 1.0) / d_norm
         # Below this the step is lost in the parameters' rounding: the probe equals θ0.
-        eps = max(torch.finfo(p.dtype).eps for p in params)
+        finfo = max((torch.finfo(p.dtype) for p in params), key=lambda fi: fi.eps)
+        eps = finfo.eps
         eta_min = 4.0 * eps * max(theta_norm, 1.0) / d_norm
         eta_max = eta0 * 2.0**40 if eta_max is None else float(eta_max)
         eta0 = min(max(eta0, eta_min * 2.0), eta_max)
-        # Differences this small are rounding of the loss, not descent (see _Profile).
-        band = 16.0 * eps * max(abs(loss0), 1.0)
+        band = _rounding_band(loss0, finfo)
         profile = _Profile(objective, params, origin, direction, loss0, band)
         bracket = _Bracket()
         if method == "paper":
