@@ -1,6 +1,7 @@
-"""Claim: along a real training trajectory, the fast critical-sharpness search needs a
-median of at most 4 loss evaluations (baseline included) at rtol 1/16 with warm start,
-against about 6–7 for the paper's exponential + bisection search on the same steps.
+"""Claim: along a real training trajectory, the fast critical-sharpness search needs fewer
+loss evaluations (baseline included) at rtol 1/16 with warm start than the paper's
+exponential + bisection search on the same steps (measured: median 5 against 8; a median
+of 4 was the original target and is not reached, for the reason printed below).
 
 A small byte-level GPT trains with AdamW (warmup + cosine) on the standard library's
 source; every 5 steps three monitors capture the same update direction and measure λ_c on
@@ -82,7 +83,7 @@ def main() -> None:
     print(f"fast at the floor for a verified bracket (baseline + 4 probes, or + 3 after a warm start within rtol): "
           f"{floor}/{len(ok_rows)} of the warm-started ok measurements")
     print(f"median evals fast / paper = {summary['fast']:.1f} / {summary['paper']:.1f} "
-          f"= ratio {summary['fast'] / summary['paper']:.2f} (claim: fast ≤ 4)")
+          f"= ratio {summary['fast'] / summary['paper']:.2f} (claim: fast < paper; original target fast ≤ 4)")
 
 
 if __name__ == "__main__":
