@@ -19,11 +19,13 @@ from sharpscope.runs import read_run
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SKIP = "fits skipped"
 
-# Tiny trainer runs: one measurement per step so the three-phase detector has 12 points to
-# read; code only, so the evaluation is one batch and no arithmetic generation.
+# Tiny trainer runs: one λ_c measurement per step so the three-phase detector has 12 points
+# to read, and λ_max, trace and preconditioned sharpness twice (cheap settings: their values
+# are not under test here); code only, so the evaluation is one batch and no arithmetic.
 TINY = ["--steps", "12", "--monitor-every", "1", "progress=false", "model.preset=nano", "model.block_size=32",
         "data.batch_size=4", "data.sources=code", "data.max_bytes=60000", "eval.every=0", "eval.batches=1",
-        "monitor.probe_batch_size=4", "schedule.warmup_steps=3"]
+        "monitor.probe_batch_size=4", "schedule.warmup_steps=3", "monitor.exact_every=6",
+        "monitor.lanczos_iters=4", "monitor.trace_samples=2"]
 WIDTHS = (16, 24, 32)
 
 
@@ -149,7 +151,8 @@ def test_one_trained_run_with_every_measure(capsys, trained, tmp_path):
     assert sum(SKIP in line for line in out.splitlines()) == 1
     row = rows(report, "runs")[0]
     assert row["three_phase"] in ("yes", "no")  # 12 measurements: the detector reads them
-    for column in ("final_loss", "final_eval_loss", "phase1", "phase3", "frac_above_edge"):
+    for column in ("final_loss", "final_eval_loss", "phase1", "phase3", "frac_above_edge", "final_lambda_max",
+                   "final_trace_per_param", "final_preconditioned"):
         assert row[column] not in ("", "nan"), column
     assert_figures(report, {"run-nano16"})
 
@@ -186,7 +189,7 @@ def test_three_sizes_under_a_user_label_fit_across(capsys, trained, tmp_path):
     assert {r["claim"] for r in rows(report, "claims")} >= {"loglinear_law", "edge_of_stability"}
     assert not (report / "tables" / "extrapolation.csv").exists()  # 13B-70B means nothing here
     assert not (report / "tables" / "schedules.csv").exists()  # no schedule runs: no table
-    assert_figures(report, {"scaling_law", "trajectories", "run-nano16", "run-nano24", "run-nano32"})
+    assert_figures(report, {"scaling_law", "trajectories", "measures", "run-nano16", "run-nano24", "run-nano32"})
 
 
 def test_callback_and_trainer_runs_fit_together(capsys, trained, callback_runs, tmp_path):

@@ -130,6 +130,10 @@ def summarize_run(run: Run, opts: AnalysisOptions, *, require_metric: bool = Tru
     """Everything the analysis needs of one run. ``require_metric=False`` reads a run that
     never logs the metric too (a run report shows its losses); its sharpness is then empty."""
     t, s = run.series(opts.metric)  # each series is read (and validated) once
+    # In training order: the final window is the last points in t, whatever order a writer
+    # (say, a measurement over checkpoints) appended them in. A stable sort: no-op when sorted.
+    order = np.argsort(t, kind="stable")
+    t, s = t[order], s[order]
     if t.size == 0 and require_metric:
         raise UserError(f"run '{run.path}' logs no '{opts.metric}'; pick the sharpness metric with --metric")
     t_loss, loss = run.series(LOSS)
