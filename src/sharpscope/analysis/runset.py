@@ -318,6 +318,9 @@ def analyze_any(runs: list[Run], opts: AnalysisOptions | None = None,
     ladder = choose_ladder(summaries, opts.metric, groups)
     if ladder.fitted:
         out = analyze_summaries(summaries, opts, ladder=frozenset(r.run.path for r in ladder.runs))
+        undecidable = sum(not r.phases.decidable for r in out.scale_runs())
+        if undecidable:  # "0/3" alone would read as three runs without the pattern
+            out.summary["three_phase_scales"] += f" ({undecidable} undecidable)"
     else:
         out = StudyAnalysis(runs=summaries, options=opts)
     out.kind = "runs"

@@ -369,7 +369,7 @@ def _log_if_positive(ax, *arrays) -> None:
         ax.set_yscale("log")
 
 
-def _measure_panel(ax, run, key: str, t: np.ndarray, v: np.ndarray, t_lr: np.ndarray, lr: np.ndarray) -> None:
+def _measure_panel(ax, key: str, t: np.ndarray, v: np.ndarray, t_lr: np.ndarray, lr: np.ndarray) -> None:
     t, v = _sorted(t, v)
     ok = np.isfinite(v)
     ax.plot(t[ok], v[ok], ".-", lw=1, ms=4, label=MEASURE_LABELS.get(key, key))
@@ -407,7 +407,7 @@ def run_figure(r, label: str, metric: str):
     t_lr, lr = lr_series(run)
     for ax, key in zip(axes, keys):
         t, v = (r.t, r.sharpness) if key == metric else run.series(key)
-        _measure_panel(ax, run, key, t, v, t_lr, lr)
+        _measure_panel(ax, key, t, v, t_lr, lr)
     if keys and keys[0] == metric:
         ax = axes[0]
         ph = r.phases
