@@ -26,7 +26,8 @@ from sharpscope.training.measure import (MeasureOptions, direction_for, find_che
                                          measure_checkpoint, measure_path, open_checkpoints)
 
 BLOCK, LR, WD = 24, 3e-3, 0.1
-FAST = ["--batch-size", "4", "--lanczos-iters", "4", "--trace-samples", "2", "--no-progress"]
+# λ_c alone where λ_max and the trace are not what a test is about (they cost most of a measurement)
+FAST = ["--batch-size", "4", "--lanczos-iters", "0", "--trace-samples", "0", "--no-progress"]
 
 
 def fast_options(**kw) -> MeasureOptions:
@@ -76,6 +77,7 @@ def trained(tmp_path_factory):
     trainer = transformers.Trainer(model=model, args=_training_args(out, max_steps=6, save_steps=2),
                                    train_dataset=Rows())
     trainer.train()
+    trainer.save_model()  # the final model at the top, beside the checkpoints, as most scripts do
     tokenizer.save_pretrained(out)
     pretrained = root / "pretrained"
     model.save_pretrained(pretrained)
@@ -198,7 +200,7 @@ def test_without_optimizer_state_the_fallback_is_named(trained, tmp_path, capsys
     out = json.loads(capsys.readouterr().out)
     assert out["direction"] == "gradient" and "no optimizer.pt" in out["direction_note"]
     assert out["step"] == 4 and out["lr"] == pytest.approx(LR / 2)  # scheduler.pt is still there
-    assert "sharpness/preconditioned" not in out
+    assert "sharpness/preconditioned" not in out and "sharpness/lambda_max" not in out  # skipped by 0 iterations
     assert main(["measure", str(bare), "--data", "prose", *FAST, "--direction", "optimizer"]) == 2
     assert "no optimizer.pt" in _error_line(capsys)
     # Adam warmed on a few batches, the other documented fallback
@@ -207,6 +209,11 @@ def test_without_optimizer_state_the_fallback_is_named(trained, tmp_path, capsys
     out = json.loads(capsys.readouterr().out)
     assert out["direction"] == "adam" and "warmed on 3 batches" in out["direction_note"]
     assert out["critical_status"] == "ok"
+    # the gradient asked for where Adam state exists: that state still gives preconditioned sharpness
+    assert main(["measure", str(trained["out"] / "checkpoint-4"), "--data", "prose", *FAST, "--lanczos-iters", "3",
+                 "--direction", "gradient", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["direction"] == "gradient" and out["sharpness/preconditioned"] > 0
 
 
 def test_save_pretrained_folder_and_token_bin(trained, tmp_path, capsys):
@@ -214,6 +221,7 @@ def test_save_pretrained_folder_and_token_bin(trained, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 0 and out["direction"] == "gradient" and out["lr_source"] == "--lr"
     assert out["sharpness/two_over_lr"] == pytest.approx(2e3)
+    assert "sharpness/preconditioned" not in out  # no optimizer state in a save_pretrained folder
     # pre-tokenized data needs no tokenizer and is used as it is
     alone = tmp_path / "model"
     alone.mkdir()
@@ -235,12 +243,19 @@ def test_our_run_is_a_series_too(tmp_path, capsys):
                  "model.preset=nano", "model.block_size=16", "data.batch_size=4", "data.sources=arithmetic",
                  "data.max_bytes=50000", "eval.every=0", "monitor.every=0", "checkpoint.keep=2"]) == 0
     capsys.readouterr()
-    assert main(["measure", str(run), "--data", "arithmetic", *FAST, "--out", str(tmp_path / "m")]) == 0
+    assert main(["measure", str(run), "--data", "arithmetic", "--batch-size", "4", "--lanczos-iters", "3",
+                 "--trace-samples", "2", "--out", str(tmp_path / "m")]) == 0
     printed = capsys.readouterr().out
     assert "direction optimizer: adamw state from the checkpoint" in printed
     measured = read_run(tmp_path / "m")
     assert [r["step"] for r in measured.metrics] == [2, 4]
     assert [r["t"] for r in measured.metrics] == pytest.approx([0.5, 1.0])
+    assert all(r["sharpness/lambda_max"] > 0 and "sharpness/trace_per_param" in r for r in measured.metrics)
+    # the trained run itself is never replaced by a measurement of it, even with --force
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(["measure", str(run), "--data", "arithmetic", *FAST, "--out", str(run), "--force"]) == 2
+    assert "more than its two files" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == before
     assert measured.n_params == read_run(run).n_params
     assert measured.config["measured_run"] == read_run(run).name and measured.config["optimizer"] == "adamw"
 
@@ -266,6 +281,11 @@ def test_bad_inputs_are_one_line_exit_2(trained, tmp_path, capsys):
     config = json.loads((unknown / "config.json").read_text())
     (unknown / "config.json").write_text(json.dumps({**config, "model_type": "nonesuch"}))
     assert "model type 'nonesuch'" in refused(unknown)
+    broken = tmp_path / "broken"
+    shutil.copytree(trained["pretrained"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    assert "damaged" in refused(broken)
     # an optimizer.pt from another model: its groups do not fit
     other = tmp_path / "other"
     shutil.copytree(trained["out"] / "checkpoint-2", other)
@@ -283,6 +303,14 @@ def test_bad_inputs_are_one_line_exit_2(trained, tmp_path, capsys):
     assert main(["measure", str(other), "--data", "prose", *FAST, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["direction"] == "gradient" and "weights_only=True" in out["direction_note"]
+    assert "--trace-samples must be 0" in refused(trained["pretrained"], "--trace-samples", "1")
     assert "--block-size 64 needs 65 positions" in refused(trained["pretrained"], "--block-size", "64")
     write_run(tmp_path / "taken", {"name": "x", "n_params": 10, "source": "simulated"}, [{"step": 0}])
     assert "holds another run" in refused(trained["pretrained"], "--out", str(tmp_path / "taken"))
+    assert main(["measure", str(trained["pretrained"]), "--data", "prose", *FAST, "--out", str(tmp_path / "taken"),
+                 "--force"]) == 0
+    assert read_run(tmp_path / "taken").config["measure"]["direction"] == "auto"
+    capsys.readouterr()
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "notes.txt").write_text("mine")
+    assert "holds no run" in refused(trained["pretrained"], "--out", str(tmp_path / "stray"), "--force")

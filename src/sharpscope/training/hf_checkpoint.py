@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from ..errors import UserError
 
@@ -138,7 +139,7 @@ def logged(folder: Path, step: int) -> dict[str, float]:
             out["train/loss"] = float(entry["loss"])
     tokens = state.get("num_input_tokens_seen")
     if _finite(tokens) and tokens > 0:
-        out["tokens"] = float(tokens)
+        out["tokens"] = int(tokens)
     return out
 
 
@@ -194,7 +195,7 @@ def load_model(folder: Path, device: torch.device) -> torch.nn.Module:
                                 f"{transformers.__version__} does not know; upgrade transformers") from None
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"'{folder}' does not load as a causal language model ({first})") from None
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, SafetensorError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"'{folder}' cannot be loaded ({first}); the checkpoint is damaged") from None
     missing = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])

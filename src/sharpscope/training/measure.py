@@ -106,6 +106,8 @@ class MeasureOptions:
                                  ("--trace-samples", self.trace_samples, 0), ("--warm-batches", self.warm_batches, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UserError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if self.trace_samples == 1:
+            raise UserError("--trace-samples must be 0 (no trace) or at least 2 (a standard error needs two probes)")
         if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
             raise UserError(f"--block-size must be a whole number >= 1, got {self.block_size!r}")
         if self.direction not in DIRECTIONS:
@@ -182,21 +184,22 @@ def find_checkpoints(path: str | Path) -> Series:
                         f"or a folder of checkpoints")
     if not path.is_dir():
         raise UserError(f"'{path}' is a file; give the folder that holds it (a checkpoint or model folder)")
-    kind = _kind(path)
-    if kind is not None:
-        folders = [(None, path)]
-        home = path.parent.parent if kind == "sharpscope" else (
-            path.parent if _STEP_FOLDER.match(path.name) else path)
-    else:
-        inner = path / CHECKPOINTS
-        search = inner if (path / CONFIG_FILE).is_file() and inner.is_dir() else path
-        folders = _step_folders(search)
-        home = path
-        if not folders:
+    inner = path / CHECKPOINTS
+    search = inner if (path / CONFIG_FILE).is_file() and inner.is_dir() else path
+    # Checkpoint folders win over a model saved at the top of the same folder: a Trainer
+    # output folder holds both (trainer.save_model), and its series is what is asked for.
+    folders = [] if (path / STATE_FILE).is_file() else _step_folders(search)
+    home = path
+    if not folders:
+        kind = _kind(path)
+        if kind is None:
             if (path / hf.HF_CONFIG).is_file() and not (path / METRICS_FILE).is_file():
                 hf.check_weights(path)  # names the missing or pickled weights
             raise UserError(f"'{path}' holds no checkpoint: not one of ours (no {STATE_FILE}), not a Hugging Face "
                             f"model (no {hf.HF_CONFIG} with model.safetensors), and no checkpoint-N or stepN folders")
+        folders = [(None, path)]
+        home = path.parent.parent if kind == "sharpscope" else (
+            path.parent if _STEP_FOLDER.match(path.name) else path)
     checkpoints = []
     for name_step, folder in folders:
         kind = _kind(folder)
@@ -306,7 +309,7 @@ class RunCheckpoints:
         # The SAM family and Nexus: the direction their base optimizer takes from the plain gradient.
         base = plain_optimizer(optimizer)
         name = config.optim.name if base is optimizer else f"{config.optim.base} (base of {config.optim.name})"
-        extra = {"tokens": float(state["tokens"])} if isinstance(state.get("tokens"), (int, float)) else {}
+        extra = {"tokens": int(state["tokens"])} if isinstance(state.get("tokens"), (int, float)) else {}
         return Loaded(model, base, f"{name} state from the checkpoint", lr, f"the run's schedule at step {step}", extra)
 
 
@@ -361,9 +364,13 @@ class HFCheckpoints:
         model = hf.load_model(checkpoint.path, self.device)
         if self.n_params is None:
             self.n_params = sum(p.numel() for p in model.parameters())
-        optimizer, note = None, "not read (--direction gradient or adam)"
-        if self.options.direction in ("auto", "optimizer"):
+        try:
             optimizer, note = hf.load_optimizer(checkpoint.path, model)
+        except UserError as exc:
+            if self.options.direction in ("auto", "optimizer"):
+                raise
+            # not needed for the direction asked for: only preconditioned sharpness goes without it
+            optimizer, note = None, str(exc)
         lr, lr_source = hf.scheduled_lr(checkpoint.path, optimizer)
         return Loaded(model, optimizer, note, lr, lr_source, hf.logged(checkpoint.path, checkpoint.step))
 
@@ -600,6 +607,12 @@ def _previous_rows(out: Path, settings: dict[str, Any], force: bool) -> tuple[di
     if run.config.get("measure") == settings:
         directions = run.config.get("directions") or {}
         return {int(r["step"]): r for r in run.metrics}, {str(k): v for k, v in directions.items()}
+    others = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG_FILE, METRICS_FILE)
+                    and not p.name.startswith("."))
+    if force and others:
+        # a trained run (checkpoints/, a tokenizer...) is never replaced by a measurement of it
+        raise UserError(f"--out '{out}' holds a run with more than its two files ({', '.join(others[:3])}); "
+                        f"--force replaces only runs of config.json and metrics.jsonl, give another folder")
     if force:
         return {}, {}
     what = "a run measured with other settings" if "measure" in run.config else f"another run ('{run.name}')"
