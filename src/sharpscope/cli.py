@@ -246,15 +246,17 @@ def cmd_measure(args: argparse.Namespace) -> int:
         # strict JSON (NaN as null); the timings stay out of the measurements
         return json.loads(metrics_line({k: v for k, v in result.items() if k != "seconds"}))
 
+    shown = []
+
     def show(result: dict) -> None:
         if args.json:
             print(json.dumps(public(result)), flush=True)
-        elif series:
-            print(_measure_table_row(result), flush=True)
-
-    if series and not args.json:
-        print(f"{'step':>8s} {'loss':>9s} {'lr':>10s} {'lambda_c':>10s} {'lr/eta_c':>9s} {'lambda_max':>10s} "
-              f"{'trace/P':>10s} {'precond':>10s}  direction")
+            return
+        if not shown:
+            print(f"{'step':>8s} {'loss':>9s} {'lr':>10s} {'lambda_c':>10s} {'lr/eta_c':>9s} {'lambda_max':>10s} "
+                  f"{'trace/P':>10s} {'precond':>10s}  direction")
+        shown.append(result["step"])
+        print(_measure_table_row(result), flush=True)
     measured = measure_path(args.checkpoint, args.data, options, out=args.out, force=args.force, name=args.name,
                             progress=not args.no_progress, on_result=show if series else None)
     if not series:
@@ -269,9 +271,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
                     print(f"{key:32s} {value:.6g}" if isinstance(value, float) else f"{key:32s} {value}")
     if not args.json:
         if series:
-            notes = sorted({f"{r['direction']}: {r['direction_note']}" for r in measured.results})
-            for note in notes:
-                print(f"direction {note}")
+            notes: dict[str, int] = {}
+            for r in measured.results:
+                key = f"{r['direction']}: {r['direction_note']}"
+                notes[key] = notes.get(key, 0) + 1
+            for note, count in notes.items():
+                print(f"direction {note} [{count} checkpoint{'s' if count > 1 else ''}]")
             kept = f", {len(measured.reused)} kept from {measured.out}" if measured.reused else ""
             print(f"[measure] {len(measured.results)} checkpoint(s) measured{kept} in "
                   f"{time.perf_counter() - t0:.1f} s")

@@ -303,18 +303,18 @@ def read_optimizer_state(folder: Path) -> tuple[dict | None, str]:
     """(the optimizer state dict, a note) — or (None, why not) when it cannot be used."""
     path = folder / OPTIMIZER_FILE
     if not path.is_file():
-        return None, f"no {OPTIMIZER_FILE} in '{folder}'"
+        return None, f"no {OPTIMIZER_FILE} in the checkpoint"
     try:
         with warnings.catch_warnings():  # torch's note on the pickle protocol: the outcome below says enough
             warnings.simplefilter("ignore")
             saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean "not loadable safely"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"{path} does not load with torch.load(weights_only=True) ({first[:160]})"
+        return None, f"{OPTIMIZER_FILE} does not load with torch.load(weights_only=True) ({first[:160]})"
     if not isinstance(saved, dict) or not _is_adam_state(saved):
         keys = sorted({k for s in (saved.get("state") or {}).values() if isinstance(s, dict) for k in s}) \
             if isinstance(saved, dict) and isinstance(saved.get("state"), dict) else []
-        return None, f"{path} holds no Adam/AdamW state (state keys {keys[:4]}); only AdamW is rebuilt"
+        return None, f"{OPTIMIZER_FILE} holds no Adam/AdamW state (state keys {keys[:4]}); only AdamW is rebuilt"
     return saved, f"{OPTIMIZER_FILE}"
 
 
@@ -330,7 +330,7 @@ def load_optimizer(folder: Path, model: torch.nn.Module) -> tuple[torch.optim.Op
         return None, note
     groups, split = _trainer_groups(model, saved["param_groups"])
     if not saved["state"]:
-        return None, f"{folder / OPTIMIZER_FILE} holds no moments yet (no optimizer step taken)"
+        return None, f"{OPTIMIZER_FILE} holds no moments yet (no optimizer step taken)"
     flat = [p for group in groups for p in group]
     for index, state in saved["state"].items():
         if not isinstance(index, int) or not 0 <= index < len(flat):
@@ -350,11 +350,11 @@ def load_optimizer(folder: Path, model: torch.nn.Module) -> tuple[torch.optim.Op
     except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise UserError(f"{folder / OPTIMIZER_FILE} does not load into an {cls.__name__} over this model "
                         f"({exc}); the optimizer.pt is not this model's") from None
-    steps = {float(s["step"]) for s in saved["state"].values()}
     hyper = saved["param_groups"][0]
-    return optimizer, (f"{cls.__name__} state from {OPTIMIZER_FILE} (step {int(max(steps))}, betas "
-                       f"{tuple(hyper['betas'])}, eps {hyper['eps']:g}, weight decay "
-                       f"{[g['weight_decay'] for g in saved['param_groups']]}, groups: {split})")
+    # the same words for every checkpoint of a run, so a series prints its note once
+    return optimizer, (f"{cls.__name__} state from {OPTIMIZER_FILE} (betas {tuple(hyper['betas'])}, eps "
+                       f"{hyper['eps']:g}, weight decay {[g['weight_decay'] for g in saved['param_groups']]}, "
+                       f"groups: {split})")
 
 
 def scheduled_lr(folder: Path, optimizer: torch.optim.Optimizer | None) -> tuple[float | None, str]:

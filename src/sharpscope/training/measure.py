@@ -250,6 +250,7 @@ class Loaded:
     lr: float | None
     lr_source: str
     extra: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
 
 
 def _take_batches(source: data_lib.TokenSource, options: MeasureOptions, block_size: int,
@@ -310,7 +311,8 @@ class RunCheckpoints:
         base = plain_optimizer(optimizer)
         name = config.optim.name if base is optimizer else f"{config.optim.base} (base of {config.optim.name})"
         extra = {"tokens": int(state["tokens"])} if isinstance(state.get("tokens"), (int, float)) else {}
-        return Loaded(model, base, f"{name} state from the checkpoint", lr, f"the run's schedule at step {step}", extra)
+        return Loaded(model, base, f"{name} state from the checkpoint", lr, "the run's schedule", extra,
+                      checkpoint.path)
 
 
 def _hf_source(spec: str, folders: list[Path], options: MeasureOptions) -> data_lib.TokenSource:
@@ -372,7 +374,8 @@ class HFCheckpoints:
             # not needed for the direction asked for: only preconditioned sharpness goes without it
             optimizer, note = None, str(exc)
         lr, lr_source = hf.scheduled_lr(checkpoint.path, optimizer)
-        return Loaded(model, optimizer, note, lr, lr_source, hf.logged(checkpoint.path, checkpoint.step))
+        return Loaded(model, optimizer, note, lr, lr_source, hf.logged(checkpoint.path, checkpoint.step),
+                      checkpoint.path)
 
 
 def open_checkpoints(series: Series, data: str, options: MeasureOptions,
@@ -463,8 +466,8 @@ def direction_for(loaded: Loaded, target, options: MeasureOptions) -> tuple[list
         with _steppable(loaded.optimizer):
             return update_direction(model, loss_fn, batches, stepper), "optimizer", loaded.optimizer_note
     if mode == "optimizer":
-        raise UserError(f"--direction optimizer: {loaded.optimizer_note}; use --direction auto to fall back "
-                        f"to the gradient")
+        raise UserError(f"--direction optimizer: {loaded.optimizer_note} ('{loaded.checkpoint}'); use "
+                        f"--direction auto to fall back to the gradient")
     why = f"{loaded.optimizer_note}; " if mode == "auto" else ""
     if mode == "adam":
         return (_warmed_adam(model, loss_fn, target.warm, batches, options.max_grad_norm), "adam",
