@@ -271,6 +271,9 @@ def test_bad_inputs_are_one_line_exit_2(trained, tmp_path, capsys):
     assert "not found" in refused(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     assert "holds no checkpoint" in refused(tmp_path / "empty")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert "PEFT adapter" in refused(tmp_path / "adapter")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     shutil.copy(trained["pretrained"] / "config.json", pickled)

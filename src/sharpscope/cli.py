@@ -239,7 +239,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
                              direction=args.direction, warm_batches=args.warm_batches,
                              max_grad_norm=args.max_grad_norm, lr=args.lr, device=args.device)
     options.check()
-    series = len(find_checkpoints(args.checkpoint).checkpoints) > 1
+    found = find_checkpoints(args.checkpoint)  # checked (and our checksums read) once
+    series = len(found.checkpoints) > 1
     t0 = time.perf_counter()
 
     def public(result: dict) -> dict:
@@ -257,7 +258,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
                   f"{'trace/P':>10s} {'precond':>10s}  direction")
         shown.append(result["step"])
         print(_measure_table_row(result), flush=True)
-    measured = measure_path(args.checkpoint, args.data, options, out=args.out, force=args.force, name=args.name,
+    measured = measure_path(found, args.data, options, out=args.out, force=args.force, name=args.name,
                             progress=not args.no_progress, on_result=show if series else None)
     if not series:
         result = measured.results[0] if measured.results else None

@@ -48,6 +48,7 @@ PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 TRAINER_STATE = "trainer_state.json"
+ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 # Parameter names the Trainer keeps out of weight decay. Recent transformers: biases and
@@ -161,9 +162,10 @@ def import_transformers():
 
 
 @contextmanager
-def _quiet(transformers):
+def quiet(transformers=None):
     """transformers' own progress bars and warnings off while loading (our bar is the one
     over checkpoints); its settings are put back afterwards."""
+    transformers = transformers or import_transformers()
     logging = transformers.utils.logging
     verbosity = logging.get_verbosity()
     bars = logging.is_progress_bar_enabled()
@@ -183,7 +185,7 @@ def load_model(folder: Path, device: torch.device) -> torch.nn.Module:
     config = model_config(folder)
     kind = config.get("model_type")
     transformers = import_transformers()
-    with _quiet(transformers):
+    with quiet(transformers):
         try:
             model, info = transformers.AutoModelForCausalLM.from_pretrained(
                 str(folder), local_files_only=True, use_safetensors=True, trust_remote_code=False,
@@ -212,7 +214,7 @@ def find_tokenizer(folders: list[Path]):
     for folder in folders:
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
             continue
-        with _quiet(transformers):
+        with quiet(transformers):
             try:
                 return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                                   trust_remote_code=False), folder
@@ -229,7 +231,7 @@ def encode(tokenizer, documents: list[str]) -> np.ndarray:
     transformers = import_transformers()
     if not documents:
         return np.zeros(0, np.int64)
-    with _quiet(transformers):  # "sequence longer than the model's maximum" is expected: we cut windows
+    with quiet(transformers):  # "sequence longer than the model's maximum" is expected: we cut windows
         ids = tokenizer(documents, add_special_tokens=False)["input_ids"]
     pieces = [np.asarray(piece, dtype=np.int64) for piece in ids]
     return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)

@@ -36,7 +36,7 @@ import math
 import re
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -195,6 +195,9 @@ def find_checkpoints(path: str | Path) -> Series:
         if kind is None:
             if (path / hf.HF_CONFIG).is_file() and not (path / METRICS_FILE).is_file():
                 hf.check_weights(path)  # names the missing or pickled weights
+            if (path / hf.ADAPTER_CONFIG).is_file():
+                raise UserError(f"'{path}' holds a PEFT adapter, not a whole model; merge it into its base model "
+                                f"(model.merge_and_unload().save_pretrained(folder)) and measure that")
             raise UserError(f"'{path}' holds no checkpoint: not one of ours (no {STATE_FILE}), not a Hugging Face "
                             f"model (no {hf.HF_CONFIG} with model.safetensors), and no checkpoint-N or stepN folders")
         folders = [(None, path)]
@@ -206,6 +209,9 @@ def find_checkpoints(path: str | Path) -> Series:
         if kind is None:
             if (folder / hf.HF_CONFIG).is_file():
                 hf.check_weights(folder)
+            if (folder / hf.ADAPTER_CONFIG).is_file():
+                raise UserError(f"'{folder}' holds a PEFT adapter, not a whole model; merge it into its base model "
+                                f"(model.merge_and_unload().save_pretrained(folder)) and measure that")
             raise UserError(f"'{folder}' is not a complete checkpoint (no {STATE_FILE}, no {hf.HF_CONFIG} with "
                             f"weights); delete it or measure the other checkpoints one by one")
         if kind == "sharpscope":
@@ -622,10 +628,11 @@ def _previous_rows(out: Path, settings: dict[str, Any], force: bool) -> tuple[di
     raise UserError(f"--out '{out}' holds {what}; pass --force to replace it or give another folder")
 
 
-def measure_path(path: str | Path, data: str, options: MeasureOptions | None = None, *, out: str | Path | None = None,
-                 force: bool = False, name: str | None = None, progress: bool = True,
+def measure_path(path: str | Path | Series, data: str, options: MeasureOptions | None = None, *,
+                 out: str | Path | None = None, force: bool = False, name: str | None = None, progress: bool = True,
                  on_result: Callable[[dict[str, Any]], None] | None = None) -> MeasureResult:
-    """Measure every checkpoint PATH names, in step order (see the module notes).
+    """Measure every checkpoint PATH names, in step order (see the module notes); ``path``
+    may also be the :class:`Series` that :func:`find_checkpoints` returned for it.
 
     ``out``: write a run there (rewritten whole and atomically after each checkpoint, so an
     interruption keeps what was measured); when it already holds a run measured from the
@@ -635,7 +642,7 @@ def measure_path(path: str | Path, data: str, options: MeasureOptions | None = N
     """
     options = options or MeasureOptions()
     options.check()
-    series = find_checkpoints(path)
+    series = path if isinstance(path, Series) else find_checkpoints(path)
     device = options.torch_device()
     target = open_checkpoints(series, data, options, device)
     out = Path(out).expanduser() if out is not None else None
@@ -651,27 +658,38 @@ def measure_path(path: str | Path, data: str, options: MeasureOptions | None = N
 
         bar = tqdm(total=len(todo), desc="measure", unit="ckpt", file=sys.stderr, dynamic_ncols=True)
     config = None
+    # transformers' one-time notes from inside a forward ("loss_type=None ...") are not the user's concern
+    hush = hf.quiet() if series.kind == "hf" else nullcontext()
     try:
-        for checkpoint in todo:
-            result = _measure_one(target, checkpoint, options)
-            rows[checkpoint.step] = result.pop("_row")
-            directions[str(checkpoint.step)] = result["direction"]
-            results.append(result)
-            if out is not None:
-                config = _run_config(series, target, data, name, settings, directions)
-                write_run(out, config, [rows[s] for s in sorted(rows)])
-            if on_result is not None:
-                on_result(result)
-            if bar is not None:
-                bar.set_postfix_str(f"step {checkpoint.step} λ_c {result['sharpness/critical']:.4g}", refresh=False)
-                bar.update(1)
+        with hush:
+            _measure_all(todo, target, options, rows, directions, results, out, series, data, name, settings,
+                         bar, on_result)
     finally:
         if bar is not None:
             bar.close()
+    if out is not None and results:
+        config = _run_config(series, target, data, name, settings, directions)
     if out is not None and config is None and previous:
         config = read_run(out).config  # nothing new to measure: the run stays as it was
     reused = sorted(set(previous) & {c.step for c in series.checkpoints})
     return MeasureResult(series=series, results=results, reused=reused, out=out, config=config)
+
+
+def _measure_all(todo, target, options, rows, directions, results, out, series, data, name, settings, bar,
+                 on_result) -> None:
+    for checkpoint in todo:
+        result = _measure_one(target, checkpoint, options)
+        rows[checkpoint.step] = result.pop("_row")
+        directions[str(checkpoint.step)] = result["direction"]
+        results.append(result)
+        if out is not None:  # the whole run so far, atomically: an interruption keeps every measured row
+            write_run(out, _run_config(series, target, data, name, settings, directions),
+                      [rows[s] for s in sorted(rows)])
+        if on_result is not None:
+            on_result(result)
+        if bar is not None:
+            bar.set_postfix_str(f"step {checkpoint.step} λ_c {result['sharpness/critical']:.4g}", refresh=False)
+            bar.update(1)
 
 
 def _run_config(series: Series, target, data: str, name: str | None, settings: dict[str, Any],
@@ -698,4 +716,4 @@ def measure_checkpoint(checkpoint: Path, data: str, *, batch_size: int = 16, n_b
         raise UserError(f"'{checkpoint}' holds {len(series.checkpoints)} checkpoints; measure_path measures a series")
     opts = MeasureOptions(batch_size=batch_size, n_batches=n_batches, lanczos_iters=lanczos_iters,
                           trace_samples=trace_samples, seed=seed, **options)
-    return measure_path(checkpoint, data, opts, progress=False).results[0]
+    return measure_path(series, data, opts, progress=False).results[0]
