@@ -57,7 +57,6 @@ from .config import TrainConfig
 from .trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
 
 DIRECTIONS = ("auto", "optimizer", "gradient", "adam")
-KINDS = ("sharpscope", "hf")
 # Adam of the "adam" fallback: torch's defaults, which most language-model runs keep.
 WARM_BETAS, WARM_EPS = (0.9, 0.999), 1e-8
 # Sequence length for Hugging Face models when --block-size is not given: long enough to
