@@ -535,7 +535,18 @@ def test_monitor_in_a_plain_loop_defers_zero_lr_steps_and_measures_exact_referen
         SharpnessMonitor(model, _gpt_loss, probe, opt, every=0)
 
 
-def test_monitor_in_an_accelerate_loop_with_accumulation_and_bf16():
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; earlier Trainers in this process set it."""
+    pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_monitor_in_an_accelerate_loop_with_accumulation_and_bf16(fresh_accelerator_state):
     """A plain accelerate loop: optimizer.step() is called every micro-batch and does
     nothing until the gradients are accumulated; a measurement due on such a micro-step
     waits for the step that moves, and the probes stay in float32 under bf16."""
