@@ -256,6 +256,14 @@ def test_our_run_is_a_series_too(tmp_path, capsys):
     assert main(["measure", str(run), "--data", "arithmetic", *FAST, "--out", str(run), "--force"]) == 2
     assert "more than its two files" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_bytes() == before
+    # ... nor when its metrics end in a line cut off by a killed writer (it reads as damaged)
+    with open(run / "metrics.jsonl", "ab") as fh:
+        fh.write(b'{"step": 5, "train/lo')
+    damaged, config = (run / "metrics.jsonl").read_bytes(), (run / "config.json").read_bytes()
+    assert main(["measure", str(run), "--data", "arithmetic", *FAST, "--out", str(run), "--force"]) == 2
+    assert "more than a measured run" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == damaged and (run / "config.json").read_bytes() == config
+    (run / "metrics.jsonl").write_bytes(before)
     assert measured.n_params == read_run(run).n_params
     assert measured.config["measured_run"] == read_run(run).name and measured.config["optimizer"] == "adamw"
 

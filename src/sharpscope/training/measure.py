@@ -324,15 +324,15 @@ def _hf_source(spec: str, folders: list[Path], options: MeasureOptions) -> data_
     """The measured source for a Hugging Face model: a .bin file's tokens as they are, or
     the validation split of a text source (cut exactly as ``train`` cuts it) encoded with
     the tokenizer saved beside the model."""
-    resolved = data_lib._resolve(spec, val_fraction=0.05, max_bytes=None, seed=options.seed)
-    if not isinstance(resolved, data_lib._Text):
+    resolved = data_lib.resolve_spec(spec, val_fraction=0.05, max_bytes=None, seed=options.seed)
+    if not isinstance(resolved, data_lib.Text):
         return data_lib.load_source(spec, seed=options.seed)
     tokenizer, where = hf.find_tokenizer(folders)
     if tokenizer is None:
         places = " or ".join(f"'{f}'" for f in folders)
         raise UserError(f"no tokenizer saved in {places}, and --data {spec} is text; save the tokenizer there "
                         f"(tokenizer.save_pretrained(folder)) or pass a token .bin file as --data")
-    _, val_docs = data_lib._split_text(resolved, 0.05, char_boundary=True)
+    _, val_docs = data_lib.split_text(resolved, 0.05, char_boundary=True)
     tokens = hf.encode(tokenizer, [d.decode("utf-8", errors="replace") for d in val_docs])
     return data_lib.TokenSource(name=resolved.name, train=np.zeros(0, np.int64), val=tokens, origin=resolved.origin,
                                 tokenizer=f"{type(tokenizer).__name__} from {where}", tokens_per_byte=None)
@@ -606,19 +606,23 @@ def _previous_rows(out: Path, settings: dict[str, Any], force: bool) -> tuple[di
         return {}, {}
     if not (out / CONFIG_FILE).is_file():
         raise UserError(f"--out '{out}' is a folder that holds no run; give a new or empty folder")
+    # Anything beside the run's two files (checkpoints/, model weights, a tokenizer) means a
+    # trained run or a model folder: never replaced by a measurement, damaged or not.
+    others = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG_FILE, METRICS_FILE)
+                    and not p.name.startswith("."))
     try:
         run = read_run(out)
     except UserError:
+        if others:
+            raise UserError(f"--out '{out}' holds more than a measured run ({', '.join(others[:3])}); "
+                            "give another folder") from None
         if force:
             return {}, {}
         raise UserError(f"--out '{out}' holds a damaged run; pass --force to replace it or give another folder") from None
     if run.config.get("measure") == settings:
         directions = run.config.get("directions") or {}
         return {int(r["step"]): r for r in run.metrics}, {str(k): v for k, v in directions.items()}
-    others = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG_FILE, METRICS_FILE)
-                    and not p.name.startswith("."))
     if force and others:
-        # a trained run (checkpoints/, a tokenizer...) is never replaced by a measurement of it
         raise UserError(f"--out '{out}' holds a run with more than its two files ({', '.join(others[:3])}); "
                         f"--force replaces only runs of config.json and metrics.jsonl, give another folder")
     if force:
