@@ -248,9 +248,13 @@ def test_hf_resume_from_checkpoint_keeps_one_row_per_step_and_the_warm_start(tmp
     first = SharpnessCallback(_probe(), every=2, run_dir=tmp_path / "run")
     _hf_trainer(tmp_path / "hf", [first, _interrupt_at(6)], **common).train()
     assert (tmp_path / "hf" / "checkpoint-4").is_dir()
+    # Resumed from a copy outside output_dir: the warm start travels with the checkpoint.
+    import shutil
+
+    shutil.copytree(tmp_path / "hf" / "checkpoint-4", tmp_path / "elsewhere" / "checkpoint-4")
     second = SharpnessCallback(_probe(), every=2, run_dir=tmp_path / "run")
     trainer = _hf_trainer(tmp_path / "hf", [second], **common)
-    trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-4"))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "elsewhere" / "checkpoint-4"))
     assert second.resumed_from == 4
     assert second.recorder.monitor.measurements == len(whole.history)
     steps = [r["step"] for r in _rows(tmp_path / "run")]
@@ -260,6 +264,38 @@ def test_hf_resume_from_checkpoint_keeps_one_row_per_step_and_the_warm_start(tmp
         for key in ("sharpness/critical", "sharpness/evals", "train/loss"):
             if key in row:
                 assert resumed[row["step"]][key] == pytest.approx(row[key], rel=1e-5), (row["step"], key)
+
+
+def test_hf_new_run_never_replaces_a_run_in_run_dir_unless_asked(tmp_path):
+    pytest.importorskip("transformers")
+    from sharpscope.integrations.hf import SharpnessCallback
+
+    _hf_trainer(tmp_path / "hf", [SharpnessCallback(_probe(), every=2, run_dir=tmp_path / "run")],
+                max_steps=3).train()
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    again = _hf_trainer(tmp_path / "hf2", [SharpnessCallback(_probe(), every=2, run_dir=tmp_path / "run")],
+                        max_steps=3)
+    with pytest.raises(ValueError, match="already holds a run .* overwrite=True"):
+        again.train()
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+    replaced = SharpnessCallback(_probe(), every=2, run_dir=tmp_path / "run", name="second", overwrite=True)
+    _hf_trainer(tmp_path / "hf3", [replaced], max_steps=2).train()
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2]
+    assert read_run(tmp_path / "run").config["name"] == "second"
+
+
+def test_hf_callback_serves_a_second_train_call(tmp_path):
+    """The same Trainer and callback: train to step 4, then resume to step 8."""
+    pytest.importorskip("transformers")
+    from sharpscope.integrations.hf import SharpnessCallback
+
+    callback = SharpnessCallback(_probe(), every=2, run_dir=tmp_path / "run")
+    trainer = _hf_trainer(tmp_path / "hf", [callback], max_steps=4, save_strategy="steps", save_steps=4)
+    trainer.train()
+    trainer.args.max_steps = 8
+    trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-4"))
+    measured = [r["step"] for r in _rows(tmp_path / "run") if "sharpness/evals" in r]
+    assert measured == [1, 2, 4, 6, 8]
 
 
 def test_hf_exact_references_every_m_steps(tmp_path):
@@ -287,6 +323,7 @@ def test_hf_exact_references_every_m_steps(tmp_path):
     ({"rtol": 2}, "rtol must be a number in (0, 1)"),
     ({"autocast": "bf16"}, "autocast must be None"),
     ({"exact": ["hessian"]}, "exact must be a list drawn from"),
+    ({"exact": None}, "exact must be a list drawn from"),
     ({"evry": 5}, "unknown monitor option 'evry'"),
     ({"group": ""}, "group must be a non-empty label"),
 ])

@@ -87,7 +87,7 @@ def check_monitor_options(**options: Any) -> None:
         raise ValueError(f"autocast must be None (full precision) or a torch dtype such as torch.bfloat16, "
                          f"not {o['autocast']!r}")
     exact = o["exact"]
-    if isinstance(exact, str) or not all(m in EXACT_MEASURES for m in exact):
+    if not isinstance(exact, (list, tuple)) or not all(m in EXACT_MEASURES for m in exact):
         raise ValueError(f"exact must be a list drawn from {', '.join(EXACT_MEASURES)}, not {exact!r}")
     if not (isinstance(o["exact_tol"], (int, float)) and o["exact_tol"] > 0):
         raise ValueError(f"exact_tol must be a positive number, not {o['exact_tol']!r}")

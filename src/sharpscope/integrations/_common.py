@@ -48,7 +48,8 @@ class MonitorRecorder:
     """
 
     def __init__(self, probe_batch: Any, loss_fn, *, every: int, run_dir: str | Path | None,
-                 name: str, group: str, model: str | None, framework: str, monitor_options: dict[str, Any]):
+                 name: str, group: str, model: str | None, framework: str, overwrite: bool,
+                 monitor_options: dict[str, Any]):
         check_monitor_options(every=every, **monitor_options)
         check_label("name", name)
         check_label("group", group)
@@ -62,6 +63,7 @@ class MonitorRecorder:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.labels = {"name": name, "group": group, **({"model": model} if model else {})}
         self.framework = framework
+        self.overwrite = bool(overwrite)
         self.monitor_options = monitor_options
         self.monitor: SharpnessMonitor | None = None
         self.history: list[tuple[int, dict[str, float]]] = []
@@ -69,6 +71,22 @@ class MonitorRecorder:
         self.resume_step: int | None = None
         self._writer: RunWriter | None = None
         self._row: dict[str, Any] | None = None
+
+    def start(self, resume_step: int | None, state: dict | None) -> None:
+        """At the start of each ``train()``/``fit()``: a resumed run continues from
+        ``resume_step`` with the saved monitor ``state``; a new one starts cold, and refuses
+        to replace a run already in ``run_dir`` unless ``overwrite``. The monitor (and the
+        run writer) are built afresh at the first step, so a callback can serve several
+        calls."""
+        if resume_step is None and not self.overwrite and self.run_dir is not None and is_main_process():
+            rows = _count_rows(self.run_dir)
+            if rows:
+                raise ValueError(f"run_dir '{self.run_dir}' already holds a run ({rows} rows); pass "
+                                 "overwrite=True to replace it, choose another run_dir, or resume from a checkpoint")
+        self.close()
+        self.monitor = None
+        self.resume_step = resume_step
+        self.pending_state = state
 
     def ensure(self, model: torch.nn.Module, optimizer) -> SharpnessMonitor:
         if self.monitor is None:
@@ -119,6 +137,20 @@ class MonitorRecorder:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _count_rows(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    with open(metrics, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def gradient_norm(grads: list[torch.Tensor]) -> float:
+    """The global 2-norm of the gradients (what the frameworks log as grad_norm)."""
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float())
+                                                      for g in grads])))
 
 
 def finite(metrics: dict[str, float]) -> dict[str, float]:

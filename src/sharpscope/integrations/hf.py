@@ -18,14 +18,15 @@ the Trainer to log on each measured step (those steps get a loss entry too, aver
 the previous log as HF does), puts the values in that log, and places itself ahead of the
 reporters (TensorBoard, W&B, ...) so they receive them. With ``run_dir`` it also writes a
 run in sharpscope's format: the Trainer's ``train/loss``, ``train/grad_norm`` and ``lr``
-at its logging steps and the measurements, one row per step. The monitor's warm start is
-saved in each ``checkpoint-N`` (``sharpscope_monitor.json``), so ``resume_from_checkpoint``
-continues the run directory and the warm start where the checkpoint left them.
+at its logging steps and the measurements, one row per step. The monitor's warm start
+travels in the Trainer's own state (``trainer_state.json`` of each ``checkpoint-N``, under
+``stateful_callbacks``), so ``resume_from_checkpoint``, from any path, continues the run
+directory and the warm start where the checkpoint left them. A new (not resumed) run
+refuses a ``run_dir`` that already holds rows unless ``overwrite=True``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,10 @@ from transformers import TrainerCallback
 
 from ._common import MonitorRecorder, finite
 
-MONITOR_STATE_FILE = "sharpscope_monitor.json"
+# The key of the monitor's state in TrainerState.stateful_callbacks. Not the class name:
+# with restore_callback_states_from_checkpoint the Trainer would rebuild callbacks whose
+# class name matches from saved init arguments, and a probe batch is not one.
+STATE_KEY = "sharpscope.SharpnessMonitor"
 
 # The Trainer's log keys and their run-format names.
 _LOG_KEYS = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "lr",
@@ -67,10 +71,11 @@ class SharpnessCallback(TrainerCallback):
     (``method``, ``rtol``, ``autocast``, ``exact_every`` ...) and are checked here."""
 
     def __init__(self, probe_batch: dict, *, every: int = 250, loss_fn=None, run_dir: str | Path | None = None,
-                 name: str = "hf-run", group: str = "training", model: str | None = None, **monitor_options):
+                 name: str = "hf-run", group: str = "training", model: str | None = None,
+                 overwrite: bool = False, **monitor_options):
         self.recorder = MonitorRecorder(probe_batch, loss_fn or causal_lm_loss, every=every, run_dir=run_dir,
                                         name=name, group=group, model=model, framework="transformers",
-                                        monitor_options=monitor_options)
+                                        overwrite=overwrite, monitor_options=monitor_options)
         self.every = every
         self.exact_every = int(monitor_options.get("exact_every", 0))
         self.resumed_from: int | None = None
@@ -100,14 +105,14 @@ class SharpnessCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._run_before_reporters()
+        self._pending = None
         if state.global_step > 0:  # resume_from_checkpoint: the Trainer loaded checkpoint-N's state
             self.resumed_from = state.global_step
-            self.recorder.resume_step = state.global_step
-            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / MONITOR_STATE_FILE
-            if saved.is_file():
-                self.recorder.pending_state = json.loads(saved.read_text(encoding="utf-8"))
+            saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+            self.recorder.start(state.global_step, saved if isinstance(saved, dict) else None)
         else:
-            self.recorder.resume_step = None
+            self.resumed_from = None
+            self.recorder.start(None, None)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         monitor = self.recorder.ensure(model, optimizer)
@@ -126,6 +131,12 @@ class SharpnessCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._pending is not None:
             control.should_log = True  # the Trainer logs this step, with the measurement in it
+        if self.recorder.monitor is not None:
+            # Kept current in the Trainer's state, so any checkpoint saved after this step
+            # carries the warm start in its trainer_state.json.
+            if state.stateful_callbacks is None:
+                state.stateful_callbacks = {}
+            state.stateful_callbacks[STATE_KEY] = self.recorder.monitor.state_dict()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
@@ -143,12 +154,7 @@ class SharpnessCallback(TrainerCallback):
         self.recorder.add(state.global_step, row, state.max_steps or None)
 
     def on_save(self, args, state, control, **kwargs):
-        # The run directory and the monitor's warm start as of this checkpoint.
-        self.recorder.flush()
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.recorder.monitor is not None and state.is_world_process_zero and checkpoint.is_dir():
-            (checkpoint / MONITOR_STATE_FILE).write_text(json.dumps(self.recorder.monitor.state_dict()),
-                                                         encoding="utf-8")
+        self.recorder.flush()  # the run directory as of this checkpoint
 
     def on_train_end(self, args, state, control, **kwargs):
         self.recorder.close()

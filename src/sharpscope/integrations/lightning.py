@@ -19,7 +19,10 @@ the latest one, and a failed measurement leaves no old value behind). With ``run
 run in sharpscope's format gets ``train/loss`` (mean over the step's micro-batches),
 ``train/grad_norm`` (before clipping) and ``lr`` every ``log_every`` steps (the Trainer's
 ``log_every_n_steps`` by default) and the measurements. The monitor's warm start is part
-of Lightning checkpoints (callback state), so ``fit(ckpt_path=...)`` resumes it.
+of Lightning checkpoints (callback state), so ``fit(ckpt_path=...)`` resumes it. A new
+(not resumed) fit refuses a ``run_dir`` that already holds rows unless ``overwrite=True``.
+One optimizer, automatic optimization: with several optimizers the monitor follows the
+first one handed to it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from ._common import MonitorRecorder, finite
+from ._common import MonitorRecorder, finite, gradient_norm
 
 PREFIX = "sharpness/"
 
@@ -41,20 +44,21 @@ class SharpnessCallback(pl.Callback):
 
     def __init__(self, probe_batch, *, loss_fn, every: int = 250, run_dir: str | Path | None = None,
                  name: str = "lightning-run", group: str = "training", model: str | None = None,
-                 log_every: int | None = None, **monitor_options):
+                 log_every: int | None = None, overwrite: bool = False, **monitor_options):
         if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int)
                                       or log_every < 1):
             raise ValueError(f"log_every must be a positive integer (or None: the Trainer's "
                              f"log_every_n_steps), not {log_every!r}")
         self.recorder = MonitorRecorder(probe_batch, loss_fn, every=every, run_dir=run_dir, name=name,
                                         group=group, model=model, framework="lightning",
-                                        monitor_options=monitor_options)
+                                        overwrite=overwrite, monitor_options=monitor_options)
         self.log_every = log_every
         self._armed = False
         self._lr: float | None = None
         self._step_values: dict[str, float] = {}
         self._loss_sum = 0.0
         self._logged_keys: set[str] = set()
+        self._restored: dict | None = None
 
     @property
     def history(self):
@@ -69,13 +73,16 @@ class SharpnessCallback(pl.Callback):
         return {"monitor": self.recorder.pending_state}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.recorder.pending_state = state_dict.get("monitor")
+        self._restored = state_dict.get("monitor")
 
     # -- hooks -------------------------------------------------------------------------
 
     def on_train_start(self, trainer, pl_module):
         # A resumed fit keeps the run's rows up to the last step the checkpoint had taken.
-        self.recorder.resume_step = trainer.global_step - 1 if trainer.global_step > 0 else None
+        restored, self._restored = self._restored, None
+        resumed = trainer.global_step > 0
+        self.recorder.start(trainer.global_step - 1 if resumed else None, restored if resumed else None)
+        self._armed, self._loss_sum, self._logged_keys = False, 0.0, set()
 
     def _records(self, trainer, step: int) -> bool:
         every = self.log_every or trainer.log_every_n_steps
@@ -92,7 +99,7 @@ class SharpnessCallback(pl.Callback):
             # Lightning clips after this hook: this is the norm before clipping, as HF logs it.
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             if grads:
-                self._step_values["train/grad_norm"] = float(torch.nn.utils.get_total_norm(grads))
+                self._step_values["train/grad_norm"] = gradient_norm(grads)
             self._step_values["lr"] = self._lr
         self._armed = True
 
