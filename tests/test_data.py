@@ -1,4 +1,4 @@
-"""Tests for sharpscope.training.data (tokenizers, corpora, user data, datasets, batch sampler)."""
+"""Tests for the sharpscope.training.data package (tokenizers, corpora, user data, datasets, batch sampler)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 
 from sharpscope.errors import UserError
-from sharpscope.training import data as data_module
 from sharpscope.training.data import (
     ARITHMETIC_OPERATORS,
     TOKENIZER_FILE,
@@ -34,6 +33,7 @@ from sharpscope.training.data import (
     make_tokenizer,
     validation_batches,
 )
+from sharpscope.training.data import tokenizers as tokenizers_module
 
 PROPS = settings(max_examples=100, deadline=None)
 # Small caps keep the built-in corpora quick to build; the defaults are exercised by the
@@ -541,7 +541,7 @@ def test_bpe_round_trips_known_text(bpe, code_text):
 
 def test_bpe_long_texts_encode_in_chunks_to_the_same_tokens(bpe, code_text, monkeypatch):
     # Long texts are cut at newlines and encoded in parallel; the tokens must not change.
-    monkeypatch.setattr(data_module, "_ENCODE_CHUNK_CHARS", 2048)
+    monkeypatch.setattr(tokenizers_module, "_ENCODE_CHUNK_CHARS", 2048)
     text = code_text[:30_000] + "\n\n  \n" + UNICODE_SAMPLE * 200 + "\nx\ny\n" + "1+2=3\n" * 3000
     assert len(bpe._chunks(text)) > 10 and "".join(bpe._chunks(text)) == text
     whole = bpe._tokenizer.encode(text, add_special_tokens=False).ids
