@@ -314,3 +314,12 @@ def test_early_mean():
     assert early_mean(T, v, 0.2) == pytest.approx(np.mean(v[:40]))
     assert early_mean([0.0, 0.1, 0.2], [1.0, np.nan, 3.0], 0.2) == 2.0  # horizon inclusive
     assert math.isnan(early_mean([0.5, 0.6], [1.0, 2.0], 0.1))
+
+
+def test_final_value_statistics():
+    v = [1.0] * 90 + [1.0, 2.0, 3.0, 100.0, 4.0, 5.0, 6.0, 7.0, 8.0, float("nan")]
+    tail = np.array([x for x in v if np.isfinite(x)])[-10:]
+    assert final_value(v) == pytest.approx(tail.mean())
+    assert final_value(v, statistic="median") == pytest.approx(np.median(tail))
+    with pytest.raises(ValueError):
+        final_value(v, statistic="mode")

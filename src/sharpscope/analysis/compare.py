@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .claims import FAILS, HOLDS, UNCLEAR, fraction_verdict
+from .verdicts import FAILS, HOLDS, UNCLEAR, fraction_verdict
 
 DEFAULT_NOISE_CV = 0.05
 """Relative spread of final sharpness assumed when the measured study has one seed."""

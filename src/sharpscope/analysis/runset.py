@@ -45,8 +45,8 @@ from ..errors import UserError
 from ..runs import Run
 from ..sizes import size_label
 from .phases import MIN_POINTS, final_value
-from .study import (MEASURES, AnalysisOptions, RunSummary, StudyAnalysis, _by_model,
-                    analyze_summaries, summarize_run)
+from .study import analyze_summaries
+from .summaries import MEASURES, AnalysisOptions, RunSummary, StudyAnalysis, by_model, summarize_run
 
 VARIANT_GROUPS = ("schedules", "ablations", "extrapolation")
 """Groups that vary a ladder (schedules, ablations, sizes to extrapolate to) rather than form one."""
@@ -161,7 +161,7 @@ def is_complete_study(summaries: list[RunSummary]) -> bool:
     with a finite final value."""
     if any(r.t.size == 0 for r in summaries):
         return False
-    models = _by_model([r for r in summaries if "scales" in r.run.groups])
+    models = by_model([r for r in summaries if "scales" in r.run.groups])
     if len(models) < MIN_SIZES or len({g[0].run.n_params for g in models}) < MIN_SIZES:
         return False
     return all(any(_finite(r) for r in g) for g in models)

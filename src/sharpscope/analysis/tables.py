@@ -13,12 +13,8 @@ from ..runs import _clean, atomic_write_text
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    cols: list[str] = []
-    for row in rows:
-        for key in row:
-            if key not in cols:
-                cols.append(key)
-    return cols
+    """Every key of every row, in order of first appearance (rows may lack optional columns)."""
+    return list(dict.fromkeys(key for row in rows for key in row))
 
 
 def format_value(value: Any) -> str:

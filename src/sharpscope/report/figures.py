@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..analysis.runset import ordered, phase_verdict, run_keys, run_labels  # noqa: E402
-from ..analysis.study import GRAD_NORM, LOSS, MEASURES, StudyAnalysis, _by_model, lr_series  # noqa: E402
+from ..analysis.summaries import GRAD_NORM, LOSS, MEASURES, StudyAnalysis, by_model, lr_series  # noqa: E402
 from ..runs import atomic_write_png  # noqa: E402
 
 DPI = 90
@@ -40,7 +40,7 @@ def _size_axis(ax, ylabel: str) -> None:
 
 
 def trajectories(a: StudyAnalysis):
-    models = _by_model(a.scale_runs())
+    models = by_model(a.scale_runs())
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for color, g in zip(_colors(len(models)), models):
         r = g[0]
@@ -55,7 +55,7 @@ def trajectories(a: StudyAnalysis):
 
 
 def loss(a: StudyAnalysis):
-    models = _by_model(a.scale_runs())
+    models = by_model(a.scale_runs())
     fig, ax = plt.subplots(figsize=(7, 4.2))
     shown = False
     for color, g in zip(_colors(len(models)), models):
@@ -106,7 +106,7 @@ def scaling_law(a: StudyAnalysis):
 
 
 def sharpness_gradient(a: StudyAnalysis):
-    models = _by_model(a.scale_runs())
+    models = by_model(a.scale_runs())
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     shown = False
     for color, g in zip(_colors(len(models)), models):
@@ -194,7 +194,7 @@ def pac_bayes(a: StudyAnalysis):
 
 
 def measures(a: StudyAnalysis):
-    models = _by_model(a.scale_runs())
+    models = by_model(a.scale_runs())
     names = [row["measure"] for row in a.tables.get("measures", [])]
     if len(names) < 2:
         return None
