@@ -12,7 +12,8 @@ import sys
 import numpy as np
 
 from sharpscope.analysis.phases import final_value, peak_value
-from sharpscope.simulation import SimulationConfig, parse_scale, simulate_run
+from sharpscope.simulation import SimulationConfig, simulate_run
+from sharpscope.sizes import parse_size
 
 PUBLISHED = {"10M": (2.0644, 1.2785, 5.009, 0.3616), "125M": (2.4108, 1.1669, 4.1508, 0.4532),
              "350M": (2.5996, 1.1217, 3.8431, 0.4843), "1.3B": (2.7585, 1.0646, 3.4863, 0.5344),
@@ -25,7 +26,7 @@ def worst_errors(cfg: SimulationConfig, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     worst = np.zeros(4)
     for label in cfg.scales:
-        r = simulate_run(cfg, parse_scale(label), rng)
+        r = simulate_run(cfg, parse_size(label), rng)
         got = np.array([peak_value(r.sharpness), final_value(r.sharpness), final_value(r.loss),
                         np.mean(list(r.accuracy.values()))])
         worst = np.maximum(worst, np.abs(got / np.array(PUBLISHED[label]) - 1))

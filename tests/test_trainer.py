@@ -138,6 +138,7 @@ def test_corrupt_checkpoint_is_refused_and_left_alone(tmp_path, capsys):
     (["data.sources=/no/such/corpus.txt"], "/no/such/corpus.txt"),
     (["model.preset=colossal"], "unknown model preset"),
     (["schedule.name=triangle"], "unknown schedule"),
+    (["optim.name=lion"], "unknown optimizer 'lion'"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, expected):
     assert run_cli("--out", str(tmp_path / "run"), "--steps", "2", *TINY, *args) == 2
@@ -153,6 +154,26 @@ def test_nonfinite_loss_stops_with_a_message_and_keeps_checkpoints(tmp_path, cap
     assert "training loss became" in line and "lower optim.lr" in line
     for ckpt in (out / "checkpoints").glob("step*"):
         assert (ckpt / "train_state.json").exists()
+
+
+def test_a_step_hook_is_one_more_entry(tmp_path):
+    """A measurement added to ``step_hooks`` before ``write_row`` lands in every step's row."""
+    from sharpscope.config import load_config
+    from sharpscope.training import hooks
+    from sharpscope.training.config import TrainConfig
+    from sharpscope.training.trainer import Trainer
+
+    seen = []
+
+    def loss_guard(trainer, step, row):
+        seen.append(step.done)
+        row["guard/loss_finite"] = float(torch.isfinite(step.loss))
+
+    trainer = Trainer(load_config(TrainConfig, None, ["steps=3", "monitor.every=0", *TINY]), tmp_path / "run")
+    trainer.step_hooks.insert(trainer.step_hooks.index(hooks.write_row), loss_guard)
+    trainer.run()
+    assert seen == [1, 2, 3]
+    assert [r.get("guard/loss_finite") for r in metric_rows(tmp_path / "run")] == [None, 1.0, 1.0, 1.0]
 
 
 def test_existing_run_needs_resume(monitored_run, capsys):

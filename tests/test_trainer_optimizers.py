@@ -12,7 +12,7 @@ import torch
 from sharpscope.cli import main
 from test_trainer import TINY, final_weights, metric_rows, run_cli
 
-OPTIMIZERS = {
+OPTIMIZER_ARGS = {
     "sam": ["--optimizer", "sam", "optim.rho=0.05", "optim.rho_warmup_steps=4"],
     "precond-sam": ["--optimizer", "sam", "--precondition"],
     "functional-sam": ["--optimizer", "functional-sam", "--precondition"],
@@ -24,10 +24,10 @@ OPTIMIZERS = {
 COMMON = ["--steps", "12", "--checkpoint-every", "6", "--monitor-every", "3", *TINY, "model.dropout=0.1"]
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(OPTIMIZER_ARGS))
 def test_resume_is_exact_and_diagnostics_are_logged(tmp_path, name):
     whole = tmp_path / "whole"
-    assert run_cli("--out", str(whole), *COMMON, *OPTIMIZERS[name]) == 0
+    assert run_cli("--out", str(whole), *COMMON, *OPTIMIZER_ARGS[name]) == 0
     rows = metric_rows(whole)
     trained = [r for r in rows if "train/loss" in r]
     assert len(trained) == 12 and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in trained)
@@ -39,7 +39,7 @@ def test_resume_is_exact_and_diagnostics_are_logged(tmp_path, name):
     cut = tmp_path / "cut"
     shutil.copytree(whole, cut)
     shutil.rmtree(cut / "checkpoints" / "step00000012")
-    assert run_cli("--out", str(cut), "--resume", *COMMON, *OPTIMIZERS[name]) == 0
+    assert run_cli("--out", str(cut), "--resume", *COMMON, *OPTIMIZER_ARGS[name]) == 0
     assert metric_rows(cut) == rows
     a, b = final_weights(cut), final_weights(whole)
     for key in a:
@@ -48,7 +48,7 @@ def test_resume_is_exact_and_diagnostics_are_logged(tmp_path, name):
 
 def test_sam_rho_warmup_and_loss_increase(tmp_path):
     out = tmp_path / "run"
-    assert run_cli("--out", str(out), *COMMON, *OPTIMIZERS["sam"]) == 0
+    assert run_cli("--out", str(out), *COMMON, *OPTIMIZER_ARGS["sam"]) == 0
     trained = [r for r in metric_rows(out) if "train/loss" in r]
     assert [r["optim/rho"] for r in trained[:5]] == pytest.approx([0.0125, 0.025, 0.0375, 0.05, 0.05])
     assert all(r["optim/loss_increase"] > 0 for r in trained)  # the perturbation is an ascent step
@@ -57,7 +57,7 @@ def test_sam_rho_warmup_and_loss_increase(tmp_path):
 @pytest.mark.parametrize("name", ["precond-sam", "nexus-cycle"])
 def test_monitor_does_not_perturb_two_pass_optimizers(tmp_path, name):
     on, off = tmp_path / "on", tmp_path / "off"
-    args = ["--steps", "8", *TINY, "model.dropout=0.1", *OPTIMIZERS[name]]
+    args = ["--steps", "8", *TINY, "model.dropout=0.1", *OPTIMIZER_ARGS[name]]
     assert run_cli("--out", str(on), "--monitor-every", "2", *args) == 0
     assert run_cli("--out", str(off), "--monitor-every", "0", *args) == 0
     a, b = final_weights(on), final_weights(off)
@@ -67,7 +67,7 @@ def test_monitor_does_not_perturb_two_pass_optimizers(tmp_path, name):
 
 def test_measure_a_sam_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_cli("--out", str(out), "--steps", "4", "--monitor-every", "0", *TINY, *OPTIMIZERS["precond-sam"]) == 0
+    assert run_cli("--out", str(out), "--steps", "4", "--monitor-every", "0", *TINY, *OPTIMIZER_ARGS["precond-sam"]) == 0
     capsys.readouterr()
     ckpt = sorted((out / "checkpoints").glob("step*"))[-1]
     assert main(["measure", str(ckpt), "--data", "code", "--batch-size", "4", "--lanczos-iters", "6",

@@ -465,6 +465,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training.optimizers import OPTIMIZER_REGISTRY  # torch-free: the names only
+
     p = argparse.ArgumentParser(prog="sharpscope", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"sharpscope {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -510,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--monitor-every", type=int, help="critical sharpness every N steps (0 = off)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0 = at the end only)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    t.add_argument("--optimizer", choices=("adamw", "sgd", "sam", "functional-sam", "angle-sam", "nexus"),
+    t.add_argument("--optimizer", choices=tuple(OPTIMIZER_REGISTRY),
                    help="optimizer (the SAM family and Nexus wrap optim.base, adamw by default)")
     t.add_argument("--rho", type=float, help="SAM family: perturbation radius")
     t.add_argument("--precondition", action="store_true", help="SAM family: perturb in Adam's geometry")

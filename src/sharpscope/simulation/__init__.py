@@ -2,6 +2,6 @@
 
 from .config import SimulationConfig
 from .study import plan_study, write_study
-from .trajectories import parse_scale, scale_label, simulate_run
+from .trajectories import simulate_run
 
-__all__ = ["SimulationConfig", "plan_study", "write_study", "parse_scale", "scale_label", "simulate_run"]
+__all__ = ["SimulationConfig", "plan_study", "write_study", "simulate_run"]

@@ -23,8 +23,9 @@ from ..config import to_dict
 from ..errors import UserError
 from ..runs import write_run
 from ..schedules import SCHEDULES
+from ..sizes import parse_size
 from .config import SimulationConfig
-from .trajectories import SimulatedRun, parse_scale, simulate_run
+from .trajectories import SimulatedRun, simulate_run
 
 GROUPS = ("scales", "schedules", "ablations", "extrapolation")
 ABLATION_FACTORS = ("decay_multiplier", "peak_offset", "noise_sigma")
@@ -68,7 +69,7 @@ def validate(cfg: SimulationConfig) -> None:
 
 
 def _base_config(cfg: SimulationConfig, label: str, group: str, **extra: Any) -> dict[str, Any]:
-    n = parse_scale(label)
+    n = parse_size(label)
     return {"name": extra.pop("name", label), "model": label, "n_params": n, "source": "simulated",
             "group": group, "schedule": extra.pop("schedule", "cosine"), "seed": cfg.seed,
             "tokens_budget": cfg.tokens_per_param * n, "total_steps": cfg.total_steps, **extra}
@@ -80,7 +81,7 @@ def plan_study(cfg: SimulationConfig) -> list[PlannedRun]:
     planned: list[PlannedRun] = []
     rng = np.random.default_rng(cfg.seed)
     for label in cfg.scales:
-        run = simulate_run(cfg, parse_scale(label), rng)
+        run = simulate_run(cfg, parse_size(label), rng)
         planned.append(PlannedRun(f"scales/{label}", _base_config(cfg, label, "scales"), run))
 
     def stream(group: str, index: int) -> np.random.Generator:
@@ -89,7 +90,7 @@ def plan_study(cfg: SimulationConfig) -> list[PlannedRun]:
     index = 0
     for label in cfg.schedule_study.scales:
         for schedule in cfg.schedule_study.schedules:
-            run = simulate_run(cfg, parse_scale(label), stream("schedules", index), schedule=schedule)
+            run = simulate_run(cfg, parse_size(label), stream("schedules", index), schedule=schedule)
             conf = _base_config(cfg, label, "schedules", name=f"{label}-{schedule}", schedule=schedule)
             planned.append(PlannedRun(f"schedules/{label}-{schedule}", conf, run))
             index += 1
@@ -101,7 +102,7 @@ def plan_study(cfg: SimulationConfig) -> list[PlannedRun]:
         for factor in ABLATION_FACTORS:
             for level in levels[factor]:
                 kwargs = {factor: float(level)}
-                run = simulate_run(cfg, parse_scale(label), stream("ablations", index), **kwargs)
+                run = simulate_run(cfg, parse_size(label), stream("ablations", index), **kwargs)
                 name = f"{label}-{factor}-{level:g}"
                 conf = _base_config(cfg, label, "ablations", name=name,
                                     ablation={"factor": factor, "level": float(level)})
@@ -109,7 +110,7 @@ def plan_study(cfg: SimulationConfig) -> list[PlannedRun]:
                 index += 1
 
     for index, label in enumerate(cfg.extrapolation_scales):
-        run = simulate_run(cfg, parse_scale(label), stream("extrapolation", index))
+        run = simulate_run(cfg, parse_size(label), stream("extrapolation", index))
         planned.append(PlannedRun(f"extrapolation/{label}", _base_config(cfg, label, "extrapolation"), run))
 
     resolved = to_dict(cfg)

@@ -20,8 +20,6 @@ import numpy as np
 
 from ..errors import UserError
 from ..schedules import lr_multiplier
-from ..sizes import parse_size as parse_scale
-from ..sizes import size_label as scale_label
 from .config import MeasureConfig, OscillationConfig, SimulationConfig
 
 @dataclass(frozen=True)

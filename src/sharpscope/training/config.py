@@ -53,10 +53,11 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    """adamw, sgd (with momentum), sam, functional-sam, angle-sam or nexus. The last four
-    wrap ``base`` (see docs/optimizers.md)."""
+    """A key of ``training.optimizers.OPTIMIZER_REGISTRY``: adamw, sgd (with momentum), sam,
+    functional-sam, angle-sam or nexus. The last four wrap ``base`` (see docs/optimizers.md)."""
     base: str = "adamw"
-    """Base optimizer that the SAM family and Nexus hand their gradient to: adamw or sgd."""
+    """Base optimizer that the SAM family and Nexus hand their gradient to: adamw or sgd
+    (``training.optimizers.BASE_OPTIMIZERS``)."""
     lr: float = 3e-3
     """Peak learning rate."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])

@@ -45,11 +45,11 @@ from .minima import MEAN, minima_distance
 from .model import PRESETS
 
 __all__ = ["NexusStudyConfig", "NexusStudyResult", "plan_nexus_runs", "run_nexus_study", "MATCHED_LOSS_RULE",
-           "NEXUS_DIR", "NEXUS_FILE", "OPTIMIZERS"]
+           "NEXUS_DIR", "NEXUS_FILE", "COMPARED_OPTIMIZERS"]
 
 NEXUS_DIR = "nexus"
 NEXUS_FILE = "nexus.json"
-OPTIMIZERS = ("adamw", "nexus")
+COMPARED_OPTIMIZERS = ("adamw", "nexus")  # the study's pair (the names a run can use: OPTIMIZER_REGISTRY)
 MATCHED_LOSS_RULE = ("target = the larger of the two runs' final validation losses (eval/loss, the mean over "
                      "sources); each run contributes its earliest evaluated checkpoint whose eval/loss is <= target")
 EARLY, LATE = 1 / 3, 2 / 3
@@ -141,7 +141,7 @@ def plan_nexus_runs(cfg: NexusStudyConfig, train_defaults: TrainConfig) -> dict[
         eval=dataclasses.replace(train_defaults.eval, every=every, gradient_agreement=True),
         checkpoint=dataclasses.replace(train_defaults.checkpoint, every=every, keep=cfg.steps // every + 1))
     plans = {}
-    for name in OPTIMIZERS:
+    for name in COMPARED_OPTIMIZERS:
         optim = dataclasses.replace(base.optim, name=name, inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr,
                                     source_order=cfg.source_order)
         plans[name] = dataclasses.replace(base, name=f"nexus-study-{name}", optim=optim)

@@ -6,8 +6,9 @@ One iteration (``step`` counts optimizer updates done, 0-based inside the loop):
   3. forward, backward, clip, then the optimizer step inside the monitor's
      ``around_step`` (the monitor captures the update direction and measures λ_c on its
      fixed probe batch every N steps without perturbing anything);
-  4. metrics rows to ``metrics.jsonl``; evaluation and exact curvature on their cadence;
-     checkpoints on theirs.
+  4. the step hooks, in order (``Trainer.step_hooks``, see hooks.py): the metrics row,
+     exact curvature and evaluation on their cadence, the row to ``metrics.jsonl``,
+     checkpoints on theirs, progress.
 
 Resume loads the latest complete checkpoint (weights, optimizer, RNG, sampler position,
 monitor warm start), drops metric rows logged after it, and continues: on CPU the rest of
@@ -24,7 +25,7 @@ read them instead of the shards the optimizer has updated since.
 from __future__ import annotations
 
 import math
-import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,8 +43,10 @@ from ..curvature.agreement import gradient_agreement
 from . import data as data_lib
 from .checkpoint import (gather_full_state, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import ModelConfig, OptimConfig, TrainConfig
+from .config import ModelConfig, TrainConfig
+from .hooks import STEP_HOOKS, ProgressBar, StepHook, StepResult
 from .model import GPT, PRESETS, GPTConfig, count_parameters
+from .optimizers import build_optimizer, optimizer_spec, plain_optimizer
 
 
 def lm_logits_and_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,57 +95,6 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> GPT:
     return GPT(gpt)
 
 
-OPTIMIZERS = ("adamw", "sgd", "sam", "functional-sam", "angle-sam", "nexus")
-SHARPNESS_AWARE = ("sam", "functional-sam", "angle-sam")
-
-
-def _base_optimizer(name: str, cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-    if name == "adamw":
-        if len(cfg.betas) != 2:
-            raise UserError(f"optim.betas needs two numbers, got {cfg.betas}")
-        return torch.optim.AdamW, {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
-    if name == "sgd":
-        return torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum}
-    raise UserError(f"unknown base optimizer '{name}'; choose adamw or sgd")
-
-
-def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The configured optimizer over ``model``'s parameters. The SAM family and Nexus get the
-    model as trained later (``optimizer.model = ...``) when it is wrapped for DDP."""
-    # No weight decay on biases, norms and embeddings' 1-D parameters (standard practice).
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{cfg.name}'; choose one of {', '.join(OPTIMIZERS)}")
-    if cfg.name in ("adamw", "sgd"):
-        base, kwargs = _base_optimizer(cfg.name, cfg)
-        return base(groups, **kwargs)
-    from .. import optim
-
-    base, kwargs = _base_optimizer(cfg.base, cfg)
-    try:
-        if cfg.name == "nexus":
-            return optim.Nexus(groups, base, inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr,
-                               pseudo_grad=cfg.pseudo_grad, inner_lr_follows_schedule=cfg.inner_lr_follows_schedule,
-                               model=model, **kwargs)
-        common = dict(rho=cfg.rho, precondition=cfg.precondition, rho_warmup_steps=cfg.rho_warmup_steps,
-                      model=model, **kwargs)
-        if cfg.name == "sam":
-            return optim.SAM(groups, base, **common)
-        if cfg.name == "functional-sam":
-            return optim.FunctionalSAM(groups, base, **common)
-        return optim.AngleSAM(groups, base, phi=cfg.phi, **common)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"optim settings for {cfg.name}: {exc}") from None
-
-
-def plain_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer that takes the update: the base of a SAM-family or Nexus wrapper
-    (whose state holds Adam's moments), else the optimizer itself."""
-    return getattr(optimizer, "base", optimizer)
-
-
 def lr_at(config: TrainConfig, step: int) -> float:
     s = config.schedule
     return config.optim.lr * float(lr_multiplier(
@@ -170,17 +122,11 @@ def _check(config: TrainConfig) -> None:
         raise UserError("data.batch_size must be >= 1 and model.block_size >= 2")
     if config.data.weights and len(config.data.weights) != len(config.data.sources):
         raise UserError(f"data.weights has {len(config.data.weights)} numbers for {len(config.data.sources)} sources")
-    if config.optim.name == "nexus":
-        k = config.optim.inner_steps
-        if not isinstance(k, int) or k < 1 or config.data.batch_size % k:
-            raise UserError(f"optim.inner_steps ({k}) must be a whole number >= 1 that divides data.batch_size "
-                            f"({config.data.batch_size}): each inner step reads batch_size/inner_steps sequences")
-        if config.optim.source_order not in NEXUS_SOURCE_ORDERS:
-            raise UserError(f"optim.source_order must be one of {', '.join(NEXUS_SOURCE_ORDERS)}, "
-                            f"got '{config.optim.source_order}'")
+    spec = optimizer_spec(config.optim.name)
+    if spec.check is not None:
+        spec.check(config)
 
 
-NEXUS_SOURCE_ORDERS = ("cycle", "random", "mixed")
 _NEXUS_STREAM = 0x4E5855  # random stream of the nexus source draws, apart from the sampler's
 
 
@@ -274,13 +220,18 @@ class Trainer:
             # see PassOptimizer._sync)
             self.optimizer.model = self.forward_model
         self.micro_sampler = None
-        if config.optim.name == "nexus":
+        if optimizer_spec(config.optim.name).micro_batches:
             micro = config.data.batch_size // config.optim.inner_steps
             if micro % self.world:
                 raise UserError(f"nexus micro-batches (data.batch_size / optim.inner_steps = {micro}) must be "
                                 f"divisible by the number of processes ({self.world})")
             self.micro_sampler = data_lib.BatchSampler(self.sources, batch_size=micro, block_size=block,
                                                        weights=weights, seed=config.seed, split="train")
+        # The work after each step, in order (see hooks.py); run() sets what they write to.
+        self.step_hooks: list[StepHook] = list(STEP_HOOKS)
+        self.writer: _Writer | None = None
+        self.progress: ProgressBar | None = None
+        self.on_step: Callable[[int, int], None] | None = None
 
     def _fully_shard(self) -> None:
         """FSDP2: every transformer Block, then the root (the embeddings, final norm and
@@ -321,7 +272,7 @@ class Trainer:
         dist.all_reduce(value)
         return value / self.world
 
-    def _optimizer_stats(self) -> dict[str, float]:
+    def optimizer_stats(self) -> dict[str, float]:
         """The SAM family's and Nexus's diagnostics of the last step, averaged over ranks:
         some are this rank's (the loss at the perturbed point is its shard's), and the mean
         over equal shards is the global batch's; the others are equal on every rank."""
@@ -422,7 +373,7 @@ class Trainer:
                             f"resume it with the same number ({self.world} now)")
         set_rng_state(ranks[self.rank] if self.world > 1 else state["rng"])
 
-    def _checkpoint(self, step: int) -> None:
+    def write_checkpoint(self, step: int) -> None:
         """Called on every rank: each rank's RNG state (its dropout stream) is gathered so
         that resume is exact under DDP too, and under FSDP the full state dicts are
         gathered onto rank 0; rank 0 writes."""
@@ -449,98 +400,78 @@ class Trainer:
         if self.resume:
             self._restore()
         lead = self.rank == 0  # only rank 0 writes metrics and checkpoints
-        writer = None
+        self.on_step = on_step
         if lead:
             self.out.mkdir(parents=True, exist_ok=True)
-            writer = _Writer(self.out, self.run_config(), cfg)
+            self.writer = _Writer(self.out, self.run_config(), cfg)
             if self.resume:  # rows logged after the checkpoint are recomputed
-                writer.record.truncate_after(self.start_step)
-        progress = None
+                self.writer.record.truncate_after(self.start_step)
         if cfg.progress and lead:
-            from tqdm import tqdm
-
-            progress = tqdm(total=cfg.steps, initial=self.start_step, desc=cfg.name, unit="step",
-                            file=sys.stderr, dynamic_ncols=True)
+            self.progress = ProgressBar(cfg, self.start_step)
         try:
             if self.start_step == 0 and (lead or self.fsdp):
                 metrics = self.evaluate()
                 if lead:
-                    writer.log({"step": 0, "t": 0.0, "tokens": 0, **metrics})
+                    self.writer.log({"step": 0, "t": 0.0, "tokens": 0, **metrics})
             self.model.train()
-            last_lambda = math.nan
             for step in range(self.start_step, cfg.steps):
-                lr = lr_at(cfg, step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                if self.micro_sampler is None:
-                    batch = self._shard(self.sampler.next_batch())
-                else:  # Nexus reads its own micro-batches; the position still counts the step
-                    batch = None
-                    self.sampler.position += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.multi_pass:
-                    if self.micro_sampler is not None:  # Nexus's agreement cosine only where it is logged
-                        self.optimizer.track_agreement = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
-                    global_loss = self._multi_pass_gradient(step, batch)
-                else:
-                    loss = lm_loss(self.forward_model, batch)
-                    global_loss = self._global_mean(loss.detach())
-                    if torch.isfinite(global_loss):
-                        loss.backward()
-                skipped = not torch.isfinite(global_loss)
-                if skipped and cfg.on_nonfinite == "stop":
-                    raise UserError(
-                        f"training loss became {float(global_loss)} at step {step + 1}; lower optim.lr or "
-                        "raise schedule.warmup_steps (or set on_nonfinite=skip); earlier checkpoints are intact")
-                if skipped:  # no update; evaluation, checkpoints and progress go on as scheduled
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if self.fsdp:  # a forward without its backward: FSDP's per-step state reset
-                        from ..curvature._fsdp import recover
-
-                        recover(self.model)
-                else:
-                    # The optimizer's parameters (under FSDP the DTensor shards, whose
-                    # norm clip_grad_norm_ reduces over the mesh).
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        self._parameters, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-                    if self.monitor is not None:
-                        with self.monitor.around_step(step):
-                            self.optimizer.step()
-                    else:
-                        self.optimizer.step()
-                done = step + 1
-                row: dict[str, Any] = {"step": done, "t": done / cfg.steps, "tokens": done * self.tokens_per_step}
-                if skipped:
-                    row["train/skipped"] = 1
-                elif done % cfg.log_every == 0 or done == cfg.steps:
-                    row.update({"lr": lr, "train/loss": float(global_loss), "train/grad_norm": _to_float(grad_norm)})
-                    if self.multi_pass:
-                        row.update({f"optim/{key}": value for key, value in self._optimizer_stats().items()})
-                if not skipped and self.monitor is not None and self.monitor.latest is not None:
-                    row.update(self.monitor.latest)
-                    row["lr"] = lr
-                    row["sharpness/two_over_lr"] = 2.0 / lr
-                    last_lambda = row["sharpness/critical"]
-                if cfg.monitor.exact_every and done % cfg.monitor.exact_every == 0:
-                    row.update(self.exact_curvature())
-                if (lead or self.fsdp) and (done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
-                    row.update(self.evaluate())
-                if lead and len(row) > 3:
-                    writer.log(row)
-                if done == cfg.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
-                    self._checkpoint(done)
-                if on_step is not None and lead:
-                    on_step(done, cfg.steps)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{float(global_loss):.3f}", lam_c=f"{last_lambda:.3g}", refresh=False)
+                result = self._step(step)
+                row: dict[str, Any] = {"step": result.done, "t": result.done / cfg.steps,
+                                       "tokens": result.done * self.tokens_per_step}
+                for hook in self.step_hooks:
+                    hook(self, result, row)
         finally:
-            if writer is not None:
-                writer.close()
-            if progress is not None:
-                progress.close()
+            if self.writer is not None:
+                self.writer.close()
+            if self.progress is not None:
+                self.progress.close()
             self._finish_distributed()
         return self.out
+
+    def _step(self, step: int) -> StepResult:
+        """One update: lr from the schedule, the batch, the gradient, clipping, and the
+        optimizer step inside the monitor's ``around_step``; a non-finite loss stops the
+        run or (``on_nonfinite="skip"``) leaves θ as it was."""
+        cfg = self.config
+        lr = lr_at(cfg, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.micro_sampler is None:
+            batch = self._shard(self.sampler.next_batch())
+        else:  # Nexus reads its own micro-batches; the position still counts the step
+            batch = None
+            self.sampler.position += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        if self.multi_pass:
+            if hasattr(self.optimizer, "track_agreement"):  # Nexus's agreement cosine only where it is logged
+                self.optimizer.track_agreement = logged
+            global_loss = self._multi_pass_gradient(step, batch)
+        else:
+            loss = lm_loss(self.forward_model, batch)
+            global_loss = self._global_mean(loss.detach())
+            if torch.isfinite(global_loss):
+                loss.backward()
+        skipped = not torch.isfinite(global_loss)
+        if skipped and cfg.on_nonfinite == "stop":
+            raise UserError(
+                f"training loss became {float(global_loss)} at step {step + 1}; lower optim.lr or "
+                "raise schedule.warmup_steps (or set on_nonfinite=skip); earlier checkpoints are intact")
+        grad_norm = None
+        if skipped:  # no update; evaluation, checkpoints and progress go on as scheduled
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.fsdp:  # a forward without its backward: FSDP's per-step state reset
+                from ..curvature._fsdp import recover
+
+                recover(self.model)
+        else:
+            # The optimizer's parameters (under FSDP the DTensor shards, whose
+            # norm clip_grad_norm_ reduces over the mesh).
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self._parameters, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+            with self.monitor.around_step(step) if self.monitor is not None else nullcontext():
+                self.optimizer.step()
+        return StepResult(step + 1, lr, global_loss, grad_norm, skipped, logged)
 
     def _nexus_micro_batch(self, step: int, k: int):
         """Inner micro-batch ``k`` of outer step ``step``: a pure function of (seed, step, k),
@@ -600,12 +531,6 @@ class Trainer:
 
                 gc.collect()
                 dist.destroy_process_group()
-
-
-def _to_float(value) -> float:
-    """A 0-d tensor as a float; a DTensor (FSDP's gradient norm) through its full value."""
-    full = getattr(value, "full_tensor", None)
-    return float(full() if full is not None else value)
 
 
 class _Writer:

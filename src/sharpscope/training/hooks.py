@@ -1,0 +1,133 @@
+"""What the trainer does after each optimizer step: an ordered list of hooks.
+
+A hook is called as ``hook(trainer, step, row)`` on every rank, after the update (or the
+skip) of one step: ``step`` is the :class:`StepResult`, ``row`` the metrics row being
+built for it (``step``, ``t`` and ``tokens`` to start with; a row that gets nothing more
+is not written). ``Trainer.step_hooks`` starts as ``STEP_HOOKS``; a new measurement or
+action (a stability guard, say) is a new entry, placed by what it must follow.
+
+The order is part of the result, and it is the order of these definitions:
+  * measurements fill the row before ``write_row`` writes it, in a fixed order (the row's
+    keys, and so the bytes of metrics.jsonl, follow it);
+  * the optimizer's diagnostics, exact curvature, evaluation under FSDP and checkpoints
+    are collective: every rank must reach them in the same order;
+  * the checkpoint comes after the row it covers (resume drops rows logged after it);
+  * progress last, so the bar shows the step once everything about it is done.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import TrainConfig
+    from .trainer import Trainer
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step did, for the hooks."""
+
+    done: int
+    """Steps completed, this one included (the row's ``step``)."""
+    lr: float
+    """Learning rate of the step."""
+    loss: torch.Tensor
+    """Training loss, the mean over ranks (0-dim)."""
+    grad_norm: Any
+    """Gradient norm before clipping (a tensor, a DTensor under FSDP); None when skipped."""
+    skipped: bool
+    """The loss was not finite and ``on_nonfinite="skip"``: no update was taken."""
+    logged: bool
+    """A step whose training metrics are logged (every ``log_every``, and the last)."""
+
+
+StepHook = Callable[["Trainer", StepResult, dict[str, Any]], None]
+
+
+def _to_float(value) -> float:
+    """A 0-d tensor as a float; a DTensor (FSDP's gradient norm) through its full value."""
+    full = getattr(value, "full_tensor", None)
+    return float(full() if full is not None else value)
+
+
+def train_metrics(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
+    """Loss, gradient norm and the optimizer's diagnostics on logged steps."""
+    if step.skipped:
+        row["train/skipped"] = 1
+    elif step.logged:
+        row.update({"lr": step.lr, "train/loss": float(step.loss), "train/grad_norm": _to_float(step.grad_norm)})
+        if trainer.multi_pass:
+            row.update({f"optim/{key}": value for key, value in trainer.optimizer_stats().items()})
+
+
+def critical_sharpness(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
+    """The monitor's measurement, made inside the step, where it made one. After a skipped
+    step ``latest`` still holds an earlier step's, which is not this row's."""
+    monitor = trainer.monitor
+    if not step.skipped and monitor is not None and monitor.latest is not None:
+        row.update(monitor.latest)
+        row["lr"] = step.lr
+        row["sharpness/two_over_lr"] = 2.0 / step.lr
+
+
+def exact_curvature(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
+    every = trainer.config.monitor.exact_every
+    if every and step.done % every == 0:
+        row.update(trainer.exact_curvature())
+
+
+def evaluation(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
+    """Validation on its cadence and at the end: rank 0 alone, or every rank under FSDP
+    (its forwards are collective)."""
+    cfg = trainer.config
+    due = step.done == cfg.steps or (cfg.eval.every and step.done % cfg.eval.every == 0)
+    if due and (trainer.rank == 0 or trainer.fsdp):
+        row.update(trainer.evaluate())
+
+
+def write_row(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
+    if trainer.writer is not None and len(row) > 3:  # rank 0 alone writes
+        trainer.writer.log(row)
+
+
+def checkpoint(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
+    cfg = trainer.config
+    if step.done == cfg.steps or (cfg.checkpoint.every and step.done % cfg.checkpoint.every == 0):
+        trainer.write_checkpoint(step.done)
+
+
+def progress(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
+    """The caller's ``on_step(done, total)`` (rank 0), then the progress bar."""
+    if trainer.on_step is not None and trainer.rank == 0:
+        trainer.on_step(step.done, trainer.config.steps)
+    if trainer.progress is not None:
+        trainer.progress.update(step, row)
+
+
+STEP_HOOKS: tuple[StepHook, ...] = (train_metrics, critical_sharpness, exact_curvature, evaluation, write_row,
+                                    checkpoint, progress)
+
+
+class ProgressBar:
+    """tqdm on stderr: steps, ETA, the loss and the latest critical sharpness."""
+
+    def __init__(self, config: TrainConfig, initial: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=config.steps, initial=initial, desc=config.name, unit="step", file=sys.stderr,
+                        dynamic_ncols=True)
+        self.last_lambda = math.nan
+
+    def update(self, step: StepResult, row: dict[str, Any]) -> None:
+        self.last_lambda = row.get("sharpness/critical", self.last_lambda)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{float(step.loss):.3f}", lam_c=f"{self.last_lambda:.3g}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
