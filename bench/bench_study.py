@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from sharpscope.config import load_config
-from sharpscope.training.study import StudyConfig, plan_study
+from sharpscope.experiments.grid_study import StudyConfig, plan_study
 from sharpscope.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from sharpscope.config import load_config
 from sharpscope.errors import UserError
 from sharpscope.training.checkpoint import list_checkpoints
 from sharpscope.training.model import GPT, GPTConfig, count_parameters
-from sharpscope.training.study import StudyConfig, parse_shape, plan_study, run_state, run_study
+from sharpscope.experiments.grid_study import StudyConfig, parse_shape, plan_study, run_state, run_study
 
 # A grid that trains in seconds: three one-block models, two schedules at one size.
 TINY = [

@@ -19,7 +19,7 @@ from sharpscope.config import load_config
 from sharpscope.curvature import critical_sharpness, relative_critical_sharpness
 from sharpscope.training import data as data_lib
 from sharpscope.training.config import TrainConfig
-from sharpscope.training.mix import (MixConfig, MixStreams, MixStudyConfig, checkpoint_lr, crossing_summary,
+from sharpscope.experiments.mix import (MixConfig, MixStreams, MixStudyConfig, checkpoint_lr, crossing_summary,
                                      find_crossings, fine_tune, load_for_mix, mix_direction, mix_sweep,
                                      n_pretrain_rows, read_result, run_mix_study, trade_off, validate_mix)
 from sharpscope.training.measure import checkpoint_config
@@ -220,7 +220,7 @@ def test_cli_end_to_end_and_report_section(capsys, checkpoint, run, tmp_path):
 
 
 def test_fresh_moments_take_a_new_optimizers_step(checkpoint, tmp_path):
-    from sharpscope.training.mix import run_mix
+    from sharpscope.experiments.mix import run_mix
 
     common = dict(alphas=[0.0, 1.0], batch_size=8, probe_batch_size=8, eval_batches=1, validate=False)
     kept = run_mix(checkpoint, "code", "arithmetic", MixConfig(**common), tmp_path / "kept")

@@ -17,8 +17,8 @@ from sharpscope.report.nexus_section import render
 from sharpscope.training import data as data_lib
 from sharpscope.training.checkpoint import list_checkpoints, load_checkpoint
 from sharpscope.training.config import TrainConfig
-from sharpscope.training.minima import minima_distance, pair_name
-from sharpscope.training.nexus_study import NexusStudyConfig, run_nexus_study
+from sharpscope.experiments.minima import minima_distance, pair_name
+from sharpscope.experiments.nexus import NexusStudyConfig, run_nexus_study
 from sharpscope.training.trainer import build_model, lm_loss
 
 TRAIN = ["model.block_size=32", "data.batch_size=4", "data.max_bytes=200000", "eval.batches=1",

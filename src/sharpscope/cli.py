@@ -307,7 +307,7 @@ def _cell(value) -> str:
 
 def cmd_mix(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .training.mix import MixConfig, run_mix
+    from .experiments.mix import MixConfig, run_mix
 
     cfg = load_config(MixConfig, None, list(args.overrides))
     if args.alphas is not None:
@@ -356,7 +356,7 @@ def _shard(text: str | None) -> tuple[int, int]:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .training.study import StudyConfig, plan_study, run_study
+    from .experiments.grid_study import StudyConfig, plan_study, run_study
 
     config_path, overrides = _config_and_overrides(args)
     cfg = load_config(StudyConfig, config_path, overrides)
@@ -426,7 +426,7 @@ DEMO_STUDY = [
 def cmd_demo(args: argparse.Namespace) -> int:
     from .config import load_config
     from .simulation import SimulationConfig, write_study
-    from .training.study import StudyConfig, plan_study, run_study
+    from .experiments.grid_study import StudyConfig, plan_study, run_study
 
     out = Path(args.out)
     simulated, study, report = out / "simulated", out / "study", out / "report"

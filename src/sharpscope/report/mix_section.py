@@ -54,7 +54,7 @@ def _validation_rows(validation: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _figures(result: dict[str, Any], mix_dir: Path, out: Path) -> dict[str, Path]:
-    from ..training.mix import draw_sweep_figure, draw_validation_figure
+    from ..experiments.mix import draw_sweep_figure, draw_validation_figure
 
     figures: dict[str, Path] = {}
     for name, draw in zip(FIGURES, (draw_sweep_figure, draw_validation_figure)):
@@ -73,7 +73,7 @@ def render(study_dir: Path, out: Path) -> tuple[str, dict[str, Path]] | None:
     mix_dir = Path(study_dir) / "mix"
     if not (mix_dir / "mix.json").is_file():
         return None
-    from ..training.mix import read_result
+    from ..experiments.mix import read_result
 
     try:
         result = read_result(mix_dir)

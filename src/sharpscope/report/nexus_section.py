@@ -1,5 +1,5 @@
 """The study report's Nexus section: AdamW against Nexus at matched pretraining loss, from
-STUDY/nexus/nexus.json (written by ``sharpscope.training.nexus_study``)."""
+STUDY/nexus/nexus.json (written by ``sharpscope.experiments.nexus``)."""
 
 from __future__ import annotations
 

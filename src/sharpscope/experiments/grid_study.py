@@ -32,11 +32,11 @@ from typing import Any, Callable
 from ..config import from_dict, to_dict
 from ..errors import UserError
 from ..runs import CONFIG_FILE, atomic_write_text
-from .grid import parse_shape, run_state
-from .config import TrainConfig
+from .plan import parse_shape, run_state
+from ..training.config import TrainConfig
 from .mix import MixStudyConfig, run_mix_study
-from .model import PRESETS, GPT, GPTConfig, count_parameters
-from .nexus_study import NexusStudyConfig, run_nexus_study
+from ..training.model import PRESETS, GPT, GPTConfig, count_parameters
+from .nexus import NexusStudyConfig, run_nexus_study
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd", "cosine_restarts")
 PLAN_FILE = "study.json"
@@ -334,7 +334,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0,
                     states[r.name] = "fresh"
         done_cost = sum(r.cost for r in mine if states[r.name] == "done")
         bar = _GridProgress(mine, done_cost, enabled=progress and lead)
-        from .trainer import train
+        from ..training.trainer import train
 
         try:
             for i, r in enumerate(mine):

@@ -31,10 +31,10 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
-from . import data as data_lib
-from .checkpoint import load_checkpoint, read_state
-from .measure import checkpoint_config
-from .trainer import TOKENIZER_FILE, build_model, lm_loss, make_run_tokenizer
+from ..training import data as data_lib
+from ..training.checkpoint import load_checkpoint, read_state
+from ..training.measure import checkpoint_config
+from ..training.trainer import TOKENIZER_FILE, build_model, lm_loss, make_run_tokenizer
 
 __all__ = ["MinimaDistance", "minima_distance", "pair_name"]
 

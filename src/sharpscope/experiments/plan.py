@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 from ..errors import UserError
-from .checkpoint import list_checkpoints
-from .model import PRESETS
+from ..training.checkpoint import list_checkpoints
+from ..training.model import PRESETS
 
 _SHAPE = re.compile(r"(\d+)x(\d+)(?:x(\d+))?")
 

@@ -57,19 +57,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .grid import parse_shape, run_state
+from .plan import parse_shape, run_state
 from ..config import from_dict, to_dict
 from ..curvature import CriticalSharpnessResult, DirectionCapture, NonFiniteLossError, critical_sharpness
 from ..curvature._evaluate import Objective
 from ..curvature._state import OptimizerStateGuard, StateGuard, trainable_parameters
 from ..errors import UserError
 from ..runs import _clean, atomic_write_png, atomic_write_text
-from . import data as data_lib
-from .checkpoint import list_checkpoints, load_checkpoint, read_state
-from .config import TrainConfig
-from .measure import checkpoint_config
-from .model import PRESETS
-from .trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
+from ..training import data as data_lib
+from ..training.checkpoint import list_checkpoints, load_checkpoint, read_state
+from ..training.config import TrainConfig
+from ..training.measure import checkpoint_config
+from ..training.model import PRESETS
+from ..training.trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
 
 __all__ = [
     "MixConfig", "MixStreams", "MixStudyConfig", "check_mix_config", "crossing_summary", "draw_sweep_figure",
@@ -997,7 +997,7 @@ def run_mix_study(cfg: MixStudyConfig, study_out: Path, train_defaults: TrainCon
     rank other than 0 under torch.distributed: ranks train together, rank 0 analyses).
     Called by the study driver when ``cfg.enabled``; it does not check the flag itself.
     """
-    from .trainer import train
+    from ..training.trainer import train
 
     mix_dir = Path(study_out) / MIX_DIR
     base = mix_dir / BASE_DIR

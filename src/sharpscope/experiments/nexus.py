@@ -14,7 +14,7 @@ step reads as many tokens as an AdamW step), into ``STUDY/nexus/adamw`` and
   already as good); the better run contributes the first point where it had reached that
   loss. The two losses then differ by at most one evaluation interval's progress; both are
   recorded.
-* **Minima distance** (:func:`sharpscope.training.minima.minima_distance`) from both
+* **Minima distance** (:func:`sharpscope.experiments.minima.minima_distance`) from both
   checkpoints with the same fine-tune settings.
 * **Gradient agreement over training**: the ``grad_cosine/*`` rows both runs logged at
   every evaluation (cosine between per-source gradients on the validation batches).
@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .grid import parse_shape, run_state
+from .plan import parse_shape, run_state
 from ..config import from_dict, to_dict
 from ..errors import UserError
 from ..runs import CONFIG_FILE, _clean, atomic_write_png, atomic_write_text, read_run
-from .checkpoint import list_checkpoints
-from .config import TrainConfig
+from ..training.checkpoint import list_checkpoints
+from ..training.config import TrainConfig
 from .minima import MEAN, minima_distance
-from .model import PRESETS
+from ..training.model import PRESETS
 
 __all__ = ["NexusStudyConfig", "NexusStudyResult", "plan_nexus_runs", "run_nexus_study", "MATCHED_LOSS_RULE",
            "NEXUS_DIR", "NEXUS_FILE", "COMPARED_OPTIMIZERS"]
@@ -232,7 +232,7 @@ def run_nexus_study(cfg: NexusStudyConfig, study_out: Path, train_defaults: Trai
     settings and cadences itself."""
     import torch.distributed as dist
 
-    from .trainer import train
+    from ..training.trainer import train
 
     plans = plan_nexus_runs(cfg, train_defaults)
     nexus_dir = Path(study_out) / NEXUS_DIR
