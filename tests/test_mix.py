@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from sharpscope.analysis.mix import crossing_summary, find_crossings, trade_off
 from sharpscope.cli import main
 from sharpscope.config import load_config
 from sharpscope.curvature import critical_sharpness, relative_critical_sharpness
+from sharpscope.experiments.mix import (MixConfig, MixStreams, MixStudyConfig, checkpoint_lr, fine_tune, load_for_mix,
+                                        mix_direction, mix_sweep, n_pretrain_rows, read_result, run_mix_study,
+                                        validate_mix)
 from sharpscope.training import data as data_lib
 from sharpscope.training.config import TrainConfig
-from sharpscope.experiments.mix import (MixConfig, MixStreams, MixStudyConfig, checkpoint_lr, crossing_summary,
-                                     find_crossings, fine_tune, load_for_mix, mix_direction, mix_sweep,
-                                     n_pretrain_rows, read_result, run_mix_study, trade_off, validate_mix)
 from sharpscope.training.measure import checkpoint_config
 from sharpscope.training.trainer import build_optimizer, lm_loss, plain_optimizer, train
 

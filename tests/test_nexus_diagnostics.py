@@ -13,12 +13,13 @@ import torch
 
 from sharpscope.config import from_dict, load_config
 from sharpscope.errors import UserError
+from sharpscope.experiments.minima import minima_distance, pair_name
+from sharpscope.experiments.nexus import NexusStudyConfig, run_nexus_study
+from sharpscope.report.nexus_figures import write_nexus_figures
 from sharpscope.report.nexus_section import render
 from sharpscope.training import data as data_lib
 from sharpscope.training.checkpoint import list_checkpoints, load_checkpoint
 from sharpscope.training.config import TrainConfig
-from sharpscope.experiments.minima import minima_distance, pair_name
-from sharpscope.experiments.nexus import NexusStudyConfig, run_nexus_study
 from sharpscope.training.trainer import build_model, lm_loss
 
 TRAIN = ["model.block_size=32", "data.batch_size=4", "data.max_bytes=200000", "eval.batches=1",
@@ -37,7 +38,7 @@ def configs(*extra: str) -> tuple[NexusStudyConfig, TrainConfig]:
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     cfg, train = configs()
-    result = run_nexus_study(cfg, out, train, log=None)
+    result = run_nexus_study(cfg, out, train, log=None, draw=write_nexus_figures)
     return out, result
 
 
@@ -134,7 +135,7 @@ def test_rerun_skips_finished_runs_and_reuses_the_record(study):
     out, _ = study
     before = file_digests(out / "nexus")
     cfg, train = configs()
-    again = run_nexus_study(cfg, out, train, log=None)
+    again = run_nexus_study(cfg, out, train, log=None, draw=write_nexus_figures)
     assert again.skipped == ["adamw", "nexus"] and not again.ran and not again.resumed and again.reused
     assert file_digests(out / "nexus") == before
 
@@ -146,7 +147,7 @@ def test_partial_run_is_resumed_exactly(study, tmp_path):
     nexus_run = copy / "nexus" / "nexus"
     shutil.rmtree(list_checkpoints(nexus_run)[-1])  # as if killed between the last two checkpoints
     cfg, train = configs()
-    again = run_nexus_study(cfg, copy, train, log=None)
+    again = run_nexus_study(cfg, copy, train, log=None, draw=write_nexus_figures)
     assert again.resumed == ["nexus"] and again.skipped == ["adamw"] and not again.reused
     assert rows(nexus_run) == rows(out / "nexus" / "nexus")
     assert again.record["runs"]["nexus"]["minima"] == result.record["runs"]["nexus"]["minima"]
@@ -158,9 +159,9 @@ def test_run_with_other_settings_is_refused(study, tmp_path):
     shutil.copytree(out / "nexus" / "adamw", copy / "nexus" / "adamw")
     cfg, train = configs("inner_lr=0.02")  # the AdamW run's config records the Nexus settings too
     with pytest.raises(UserError, match="other settings"):
-        run_nexus_study(cfg, copy, train, log=None)
+        run_nexus_study(cfg, copy, train, log=None, draw=write_nexus_figures)
     with pytest.raises(UserError, match="two distinct sources"):
-        run_nexus_study(configs('sources=["code"]')[0], tmp_path / "x", train, log=None)
+        run_nexus_study(configs('sources=["code"]')[0], tmp_path / "x", train, log=None, draw=write_nexus_figures)
 
 
 # --- minima_distance ------------------------------------------------------------------

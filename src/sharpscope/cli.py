@@ -308,6 +308,7 @@ def _cell(value) -> str:
 def cmd_mix(args: argparse.Namespace) -> int:
     from .config import load_config
     from .experiments.mix import MixConfig, run_mix
+    from .report.mix_figures import write_mix_figures
 
     cfg = load_config(MixConfig, None, list(args.overrides))
     if args.alphas is not None:
@@ -318,7 +319,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
         cfg.validate_steps = args.validate_steps
     t0 = time.perf_counter()
     result = run_mix(args.checkpoint, args.pretrain, args.finetune, cfg, Path(args.out),
-                     log=print if args.verbose else None)
+                     log=print if args.verbose else None, draw=write_mix_figures)
     print(f"[mix] {result['checkpoint']} (step {result['step']}): pretraining {' + '.join(result['pretrain'])}, "
           f"fine-tuning {result['finetune']}; direction of {result['direction_optimizer']} ({result['moments']} state) "
           f"at lr {result['lr']:.4g}")
@@ -354,6 +355,15 @@ def _shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
+def _study_figures() -> dict:
+    """The drawing of the study's data-mix and Nexus figures (the experiments sit below the
+    report, so the command hands it in)."""
+    from .report.mix_figures import write_mix_figures
+    from .report.nexus_figures import write_nexus_figures
+
+    return {"draw_mix": write_mix_figures, "draw_nexus": write_nexus_figures}
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from .config import load_config
     from .experiments.grid_study import StudyConfig, plan_study, run_study
@@ -369,7 +379,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs, {sum(r.tokens for r in runs):,d} tokens in all")
         return 0
     t0 = time.perf_counter()
-    result = run_study(cfg, out, shard=_shard(args.shard), force=args.force, progress=not args.no_progress)
+    result = run_study(cfg, out, shard=_shard(args.shard), force=args.force, progress=not args.no_progress,
+                       **_study_figures())
     print(f"[study] {cfg.name}: {len(result.ran)} run(s) trained, {len(result.resumed)} resumed, "
           f"{len(result.skipped)} already finished ({time.perf_counter() - t0:.1f} s) -> {out / 'runs'}")
     if args.no_report:
@@ -445,7 +456,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.no_training:
         print(f"[demo] done in {time.perf_counter() - t0:.1f} s; open {simulated / 'report' / 'report.html'}")
         return 0
-    result = run_study(cfg, study, progress=not args.no_progress)
+    result = run_study(cfg, study, progress=not args.no_progress, **_study_figures())
     print(f"[demo] measured study: {len(result.ran)} runs trained -> {study / 'runs'} "
           f"({time.perf_counter() - t0:.1f} s so far)")
     from .analysis.compare import verdict_counts

@@ -32,11 +32,12 @@ from typing import Any, Callable
 from ..config import from_dict, to_dict
 from ..errors import UserError
 from ..runs import CONFIG_FILE, atomic_write_text
-from .plan import parse_shape, run_state
 from ..training.config import TrainConfig
-from .mix import MixStudyConfig, run_mix_study
 from ..training.model import PRESETS, GPT, GPTConfig, count_parameters
+from . import mix, nexus
+from .mix import MixStudyConfig, run_mix_study
 from .nexus import NexusStudyConfig, run_nexus_study
+from .plan import parse_shape, run_state
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd", "cosine_restarts")
 PLAN_FILE = "study.json"
@@ -302,9 +303,11 @@ def run_dir(out: Path, run: PlannedRun) -> Path:
 
 
 def run_study(cfg: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0, 1), force: bool = False,
-              progress: bool = True, log: Callable[[str], None] | None = print) -> StudyResult:
+              progress: bool = True, log: Callable[[str], None] | None = print,
+              draw_mix: mix.DrawFigures | None = None, draw_nexus: nexus.DrawFigures | None = None) -> StudyResult:
     """Run (or continue) the grid into ``out``; ``shard=(i, n)`` runs only every n-th run
-    starting at i (to spread a study over machines sharing ``out``)."""
+    starting at i (to spread a study over machines sharing ``out``). ``draw_mix`` and
+    ``draw_nexus`` draw the data-mix and Nexus parts' figures (none without them)."""
     import torch.distributed as dist
 
     out = Path(out)
@@ -356,9 +359,9 @@ def run_study(cfg: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0,
             bar.close()
         if index == 0:  # the extra parts run once, with the first shard
             if cfg.mix.enabled:
-                run_mix_study(cfg.mix, out, cfg.train, log=log)
+                run_mix_study(cfg.mix, out, cfg.train, log=log, draw=draw_mix)
             if cfg.nexus.enabled:
-                run_nexus_study(cfg.nexus, out, cfg.train, log=log)
+                run_nexus_study(cfg.nexus, out, cfg.train, log=log, draw=draw_nexus)
     finally:
         if own_group:
             import gc

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..analysis.nexus import MEAN  # key of the mean over the evaluation sources in every loss mapping
 from ..errors import UserError
 from ..training import data as data_lib
 from ..training.checkpoint import load_checkpoint, read_state
@@ -40,8 +41,6 @@ __all__ = ["MinimaDistance", "minima_distance", "pair_name"]
 
 THETA0 = "theta0"
 """Key of the checkpoint's own parameters in :attr:`MinimaDistance.losses`."""
-MEAN = "mean"
-"""Key of the mean over the evaluation sources in every loss mapping."""
 
 
 def pair_name(a: str, b: str) -> str:

@@ -57,38 +57,37 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .plan import parse_shape, run_state
+from ..analysis.mix import crossing_summary, curve_value, trade_off
 from ..config import from_dict, to_dict
 from ..curvature import CriticalSharpnessResult, DirectionCapture, NonFiniteLossError, critical_sharpness
 from ..curvature._evaluate import Objective
 from ..curvature._state import OptimizerStateGuard, StateGuard, trainable_parameters
 from ..errors import UserError
-from ..runs import _clean, atomic_write_png, atomic_write_text
+from ..runs import _clean, atomic_write_text
 from ..training import data as data_lib
 from ..training.checkpoint import list_checkpoints, load_checkpoint, read_state
 from ..training.config import TrainConfig
 from ..training.measure import checkpoint_config
 from ..training.model import PRESETS
 from ..training.trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
+from .plan import parse_shape, run_state
 
 __all__ = [
-    "MixConfig", "MixStreams", "MixStudyConfig", "check_mix_config", "crossing_summary", "draw_sweep_figure",
-    "draw_validation_figure", "find_crossings", "fine_tune", "mix_direction", "mix_sweep", "n_pretrain_rows",
-    "run_mix", "run_mix_study", "curve_value", "trade_off", "validate_mix", "load_for_mix", "checkpoint_lr",
-    "read_result", "write_results", "resolve_checkpoint", "mix_base_config",
+    "MixConfig", "MixStreams", "MixStudyConfig", "check_mix_config", "fine_tune", "mix_direction", "mix_sweep",
+    "n_pretrain_rows", "run_mix", "run_mix_study", "validate_mix", "load_for_mix", "checkpoint_lr", "read_result",
+    "write_results", "resolve_checkpoint", "mix_base_config", "DrawFigures",
 ]
 
 RESULT_FILE = "mix.json"
 SWEEP_CSV = "mix.csv"
 VALIDATION_CSV = "mix_validation.csv"
-SWEEP_FIGURE = "mix_sweep"
-VALIDATION_FIGURE = "mix_validation"
-FIGURES_DIR = "figures"
 MIX_DIR = "mix"
 BASE_DIR = "base"
 METHODS = ("fast", "paper")
 MOMENTS = ("checkpoint", "fresh")
-DPI = 90
+DrawFigures = Callable[[Mapping[str, Any], Path], dict[str, Path]]
+"""Draws a result's figures into a folder and returns their paths by name (experiments sit
+below report, so the caller hands in ``sharpscope.report.mix_figures.write_mix_figures``)."""
 
 
 @dataclass
@@ -274,19 +273,6 @@ def mix_direction(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
     return capture.direction
 
 
-def curve_value(sharpness: float | None, status: str) -> float:
-    """The value a line-search outcome takes on a curve: 2/η_c when bracketed, +∞ when the
-    loss rises for every step ("not_descent"), 0 when it never rises ("no_increase"), NaN
-    otherwise (a zero direction)."""
-    if sharpness is not None and math.isfinite(sharpness):
-        return float(sharpness)
-    if status == "not_descent":
-        return math.inf
-    if status == "no_increase":
-        return 0.0
-    return math.nan
-
-
 def _search(model, probe, direction, *, lr, method, rtol, warm: CriticalSharpnessResult | None,
             loss_fn, what: str) -> CriticalSharpnessResult:
     eta0 = warm.eta if warm is not None and math.isfinite(warm.eta) and warm.eta > 0 else lr
@@ -347,87 +333,6 @@ def _show(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-# --------------------------------------------------------------------------- crossings
-
-
-def find_crossings(alphas: Sequence[float], first: Sequence[float], second: Sequence[float]) -> list[dict[str, Any]]:
-    """Where the curve ``first`` crosses ``second`` (both over ascending ``alphas``).
-
-    The difference δ(α) = first − second is formed where both values are known (NaN points
-    are skipped; ∞ − ∞ is unknown). A crossing is a grid point where δ = 0 ("at_grid"), or
-    a pair of consecutive known points where δ changes sign: then α* = α_i + (α_j − α_i)·
-    δ_i/(δ_i − δ_j), linear interpolation ("interpolated"). When one end of the pair is
-    infinite (a "not a descent direction" point) the interpolation's limit, the finite end,
-    is taken ("at_finite_end"); when both are, the midpoint ("midpoint"). ``direction`` is
-    "rising" when ``first`` goes from below ``second`` to above it, else "falling".
-    """
-    if not (len(alphas) == len(first) == len(second)):
-        raise ValueError("alphas and the two curves must have the same length")
-    known = []
-    for a, f, s in zip(alphas, first, second):
-        f = math.nan if f is None else float(f)
-        s = math.nan if s is None else float(s)
-        delta = f - s
-        if not math.isnan(delta):
-            known.append((float(a), delta))
-    crossings: list[dict[str, Any]] = []
-    for i, (a, delta) in enumerate(known):
-        if delta == 0:
-            before = known[i - 1][1] if i > 0 else None
-            after = known[i + 1][1] if i + 1 < len(known) else None
-            direction = "rising" if (before is not None and before < 0) or (after is not None and after > 0) \
-                else "falling"
-            crossings.append({"alpha": a, "between": [a, a], "kind": "at_grid", "direction": direction})
-    for (a0, d0), (a1, d1) in zip(known, known[1:]):
-        if d0 == 0 or d1 == 0 or (d0 < 0) == (d1 < 0):
-            continue
-        if math.isinf(d0) and math.isinf(d1):
-            alpha, kind = 0.5 * (a0 + a1), "midpoint"
-        elif math.isinf(d0):
-            alpha, kind = a1, "at_finite_end"
-        elif math.isinf(d1):
-            alpha, kind = a0, "at_finite_end"
-        else:
-            alpha, kind = a0 + (a1 - a0) * d0 / (d0 - d1), "interpolated"
-        crossings.append({"alpha": alpha, "between": [a0, a1], "kind": kind,
-                          "direction": "rising" if d0 < 0 else "falling"})
-    crossings.sort(key=lambda c: c["alpha"])
-    return crossings
-
-
-def crossing_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The crossings of λ_FT and λ_PT in sweep rows, the recommended α and a sentence."""
-    alphas = [r["alpha"] for r in rows]
-    ft = [r["lambda_finetune"] for r in rows]
-    pt = [r["lambda_pretrain"] for r in rows]
-    crossings = find_crossings(alphas, ft, pt)
-    if crossings:
-        best = crossings[0]
-        note = (f"the curves cross at α = {best['alpha']:.3f} ({best['kind'].replace('_', ' ')} between "
-                f"α = {best['between'][0]:g} and {best['between'][1]:g}); λ_c of the fine-tuning loss is "
-                f"{'below' if best['direction'] == 'rising' else 'above'} the relative λ_c of the pretraining "
-                "loss at smaller α")
-        if len(crossings) > 1:
-            where = ", ".join(f"{c['alpha']:.3f}" for c in crossings)
-            note += f"; they cross {len(crossings)} times in all (at α = {where}), the first is recommended"
-        return {"crossings": crossings, "recommended_alpha": best["alpha"], "crosses": True, "note": note}
-    pairs = [(a, f, s) for a, f, s in zip(alphas, ft, pt) if f is not None and s is not None
-             and math.isfinite(f) and math.isfinite(s) and f > 0 and s > 0]
-    closest = min(pairs, key=lambda p: abs(math.log(p[1] / p[2])))[0] if pairs else None
-    signs = {(f - s) > 0 for _, f, s in zip(alphas, ft, pt)
-             if f is not None and s is not None and not math.isnan(f - s)}
-    if signs == {True}:
-        side = "λ_c of the fine-tuning loss stays above the relative λ_c of the pretraining loss at every α"
-    elif signs == {False}:
-        side = "λ_c of the fine-tuning loss stays below the relative λ_c of the pretraining loss at every α"
-    else:
-        side = "too few α have both values measured"
-    note = f"the curves do not cross in [{min(alphas):g}, {max(alphas):g}]: {side}"
-    if closest is not None:
-        note += f"; they come closest (in ratio) at α = {closest:g}"
-    return {"crossings": [], "recommended_alpha": None, "crosses": False, "closest_alpha": closest, "note": note}
-
-
 # --------------------------------------------------------------------------- validation
 
 
@@ -484,63 +389,6 @@ def fine_tune(model: torch.nn.Module, optimizer: torch.optim.Optimizer, streams:
     return {"status": status, "steps": len(losses), "train_loss": sum(tail) / len(tail) if tail else math.nan}
 
 
-def trade_off(rows: list[dict[str, Any]], retention_weight: float = 1.0) -> dict[str, Any]:
-    """Scores and Pareto front of validation rows (each with ``alpha``, ``gain``,
-    ``retention_loss`` and ``recommended``), in place; returns the verdict.
-
-    score = gain − w·retention loss. A row is on the Pareto front when no other row has a
-    retention loss as low and a gain as high with at least one strictly better. NaN rows
-    (diverged) are on neither.
-    """
-    for r in rows:
-        g, rl = r["gain"], r["retention_loss"]
-        r["score"] = g - retention_weight * rl if math.isfinite(g) and math.isfinite(rl) else math.nan
-    finite = [r for r in rows if math.isfinite(r["score"])]
-    for r in rows:
-        r["pareto"] = math.isfinite(r["score"]) and not any(
-            o is not r and o["retention_loss"] <= r["retention_loss"] and o["gain"] >= r["gain"]
-            and (o["retention_loss"] < r["retention_loss"] or o["gain"] > r["gain"]) for o in finite)
-    ranked = sorted(finite, key=lambda r: -r["score"])
-    rank_of = {id(r): i + 1 for i, r in enumerate(ranked)}
-    for r in rows:
-        r["rank"] = rank_of.get(id(r))
-    best = ranked[0] if ranked else None
-    rec = next((r for r in rows if r.get("recommended")), None)
-    verdict: dict[str, Any] = {
-        "criterion": (f"score(α) = gain − {retention_weight:g}·retention loss, where gain = fine-tuning validation "
-                      "loss before − after and retention loss = pretraining validation loss after − before "
-                      "(nats per token); the best α has the highest score. Pareto front: the α that no other "
-                      "validated α beats on both (lower retention loss and higher gain)."),
-        "retention_weight": retention_weight,
-        "best_alpha": best["alpha"] if best else None,
-        "best_score": best["score"] if best else None,
-        "pareto_alphas": [r["alpha"] for r in rows if r["pareto"]],
-        "recommended_alpha": rec["alpha"] if rec else None,
-    }
-    if rec is None:
-        verdict.update(recommended_is_best=None, recommended_on_pareto=None, recommended_rank=None,
-                       recommended_regret=None,
-                       statement="no recommendation to check (the curves do not cross); "
-                                 f"the best validated α is {_alpha_text(verdict['best_alpha'])}")
-        return verdict
-    is_best = best is not None and rec is best
-    regret = best["score"] - rec["score"] if best is not None and math.isfinite(rec["score"]) else math.nan
-    verdict.update(recommended_is_best=is_best, recommended_on_pareto=bool(rec["pareto"]),
-                   recommended_rank=rec["rank"], recommended_regret=regret)
-    if is_best:
-        statement = f"the recommended α = {rec['alpha']:.3f} has the best score of the {len(finite)} validated α"
-    else:
-        statement = (f"the recommended α = {rec['alpha']:.3f} ranks {rec['rank'] or '-'} of {len(finite)} by score "
-                     f"(best: α = {_alpha_text(verdict['best_alpha'])}, score higher by {regret:.4g})")
-    statement += "; it is " + ("on" if rec["pareto"] else "not on") + " the Pareto front"
-    verdict["statement"] = statement
-    return verdict
-
-
-def _alpha_text(alpha: float | None) -> str:
-    return "none" if alpha is None else f"{alpha:.3f}"
-
-
 def validate_mix(load: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer]], streams: MixStreams,
                  alphas: Sequence[float], *, recommended: float | None = None, steps: int, lr: float,
                  grad_clip: float = 0.0, seed: int = 0, retention_weight: float = 1.0,
@@ -580,158 +428,6 @@ def validate_mix(load: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer
     return {"rows": rows, "before": before, "steps": steps, "lr": lr, **verdict}
 
 
-# --------------------------------------------------------------------------- figures
-
-
-def _curve_for_plot(values: Sequence[float | None], statuses: Sequence[str]) -> list[float]:
-    return [curve_value(v, s) for v, s in zip(values, statuses)]
-
-
-def draw_sweep_figure(result: Mapping[str, Any], path: Path) -> Path:
-    """Both curves against α on a log axis, the crossing marked (from a result dict as
-    written to mix.json); infinite values (not a descent direction) are drawn as ▲ at the
-    top edge, zeros (no increase) as ▼ at the bottom."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rows = result["sweep"]
-    alphas = np.array([r["alpha"] for r in rows], dtype=float)
-    curves = [
-        ("finetune", f"λ_c of the fine-tuning loss ({result['finetune']})", "#1f77b4"),
-        ("pretrain", f"relative λ_c of the pretraining loss ({', '.join(result['pretrain'])})", "#d62728"),
-    ]
-    values = {key: np.array(_curve_for_plot([r[f"lambda_{key}"] for r in rows],
-                                            [r[f"status_{key}"] for r in rows]), dtype=float)
-              for key, _, _ in curves}
-    finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in values.values()])
-    lr = result.get("lr")
-    if lr:
-        finite = np.append(finite, 2.0 / lr)
-    lo, hi = (finite.min(), finite.max()) if finite.size else (1.0, 10.0)
-    top, bottom = hi * 2.0, lo / 2.0
-    fig, ax = plt.subplots(figsize=(7.2, 4.4))
-    labelled: set[str] = set()
-
-    def once(text: str) -> str:  # each marker kind in the legend once
-        if text in labelled:
-            return "_nolegend_"
-        labelled.add(text)
-        return text
-
-    for key, label, color in curves:
-        v = values[key]
-        shown = np.where(np.isfinite(v) & (v > 0), v, np.nan)
-        ax.plot(alphas, shown, "o-", color=color, lw=1.4, ms=4, label=label)
-        inf = np.isinf(v)
-        if inf.any():
-            ax.plot(alphas[inf], np.full(inf.sum(), top), "^", color=color, ms=8, ls="none",
-                    label=once("not a descent direction (λ_c = ∞)"))
-        zero = v == 0
-        if zero.any():
-            ax.plot(alphas[zero], np.full(zero.sum(), bottom), "v", color=color, ms=8, ls="none",
-                    label=once("no increase found (λ_c ≈ 0)"))
-    if lr:
-        ax.axhline(2.0 / lr, color="0.5", lw=0.8, ls=":", label=f"2/lr (lr = {lr:.3g}, the run's at the checkpoint)")
-    rec = result["crossing"].get("recommended_alpha")
-    for c in result["crossing"].get("crossings", []):
-        ax.axvline(c["alpha"], color="0.2", lw=1.0, ls="--",
-                   label=f"crossing α = {c['alpha']:.3f}" + (" (recommended)" if c["alpha"] == rec else ""))
-        at = _value_at(alphas, values["finetune"], c["alpha"])
-        if at is not None:
-            ax.plot([c["alpha"]], [at], "o", ms=10, mfc="none", mec="0.2", mew=1.5)
-    ax.set_yscale("log")
-    ax.set_ylim(bottom / 1.5, top * 1.5)
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_xlabel("pretraining fraction α of the fine-tuning batch")
-    ax.set_ylabel("critical sharpness λ_c = 2/η_c along d_α")
-    title = "Data-mix sweep: " + (f"recommended α = {rec:.3f}" if rec is not None else "the curves do not cross")
-    ax.set_title(title)
-    ax.legend(fontsize=7.5, loc="best")
-    ax.grid(alpha=0.25, which="both")
-    return atomic_write_png(fig, path, DPI)
-
-
-def _value_at(alphas, values, alpha: float) -> float | None:
-    """Linear interpolation of a curve at ``alpha`` between its two grid neighbours, when
-    both are finite and positive (where the crossing is drawn)."""
-    for a0, a1, v0, v1 in zip(alphas, alphas[1:], values, values[1:]):
-        if a0 <= alpha <= a1:
-            if not (math.isfinite(v0) and math.isfinite(v1) and v0 > 0 and v1 > 0):
-                return None
-            return float(v0 if a1 == a0 else v0 + (v1 - v0) * (alpha - a0) / (a1 - a0))
-    return None
-
-
-def draw_validation_figure(result: Mapping[str, Any], path: Path) -> Path | None:
-    """Left: gain, retention loss and score against α. Right: the trade-off plane
-    (retention loss, gain) with the Pareto front, the best α and the recommendation."""
-    validation = result.get("validation")
-    if not validation or not validation.get("rows"):
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rows = [r for r in validation["rows"] if r.get("gain") is not None and r.get("retention_loss") is not None]
-    if not rows:
-        return None
-    a = np.array([r["alpha"] for r in rows], dtype=float)
-    gain = np.array([r["gain"] for r in rows], dtype=float)
-    ret = np.array([r["retention_loss"] for r in rows], dtype=float)
-    score = np.array([r["score"] if r.get("score") is not None else np.nan for r in rows], dtype=float)
-    w = validation.get("retention_weight", 1.0)
-    rec = validation.get("recommended_alpha")
-    best = validation.get("best_alpha")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
-    left.plot(a, gain, "o-", color="#1f77b4", label="gain (fine-tuning loss before − after)")
-    left.plot(a, ret, "s-", color="#d62728", label="retention loss (pretraining loss after − before)")
-    left.plot(a, score, "d--", color="#2ca02c", label=f"score = gain − {w:g}·retention loss")
-    left.axhline(0, color="0.6", lw=0.6)
-    if rec is not None:
-        left.axvline(rec, color="0.2", ls="--", lw=1.0, label=f"recommended α = {rec:.3f} (crossing)")
-    if best is not None:
-        i = int(np.nanargmax(score))
-        left.plot([a[i]], [score[i]], "*", color="#2ca02c", ms=14, label=f"best score: α = {best:.3f}")
-    left.set_xlabel("pretraining fraction α")
-    left.set_ylabel("validation loss change (nats/token)")
-    left.set_title(f"Validation fine-tunes ({validation.get('steps')} steps, lr {validation.get('lr'):.3g})")
-    left.legend(fontsize=7.5)
-    left.grid(alpha=0.25)
-
-    pareto = sorted((r["retention_loss"], r["gain"]) for r in rows if r.get("pareto"))
-    if pareto:
-        right.plot([p[0] for p in pareto], [p[1] for p in pareto], "-", color="0.6", lw=2, zorder=1,
-                   label="Pareto front")
-    right.scatter(ret, gain, c=a, cmap="viridis", vmin=0, vmax=1, s=40, zorder=2)
-    for i, r in enumerate(rows):  # labels alternate above and below: close points stay readable
-        right.annotate(f"α={r['alpha']:.2f}", (r["retention_loss"], r["gain"]), textcoords="offset points",
-                       xytext=(5, 4 if i % 2 == 0 else -11), fontsize=7.5)
-    if rec is not None:
-        rr = next((r for r in rows if r.get("recommended")), None)
-        if rr is not None:
-            right.scatter([rr["retention_loss"]], [rr["gain"]], s=180, facecolors="none", edgecolors="#d62728",
-                          lw=1.8, zorder=3, label=f"recommended α = {rec:.3f}")
-    if best is not None and validation.get("best_score") is not None:
-        i = int(np.nanargmax(score))
-        right.scatter([ret[i]], [gain[i]], marker="*", s=160, color="#2ca02c", zorder=4,
-                      label=f"best score α = {best:.3f}")
-        xs = np.linspace(np.nanmin(ret), np.nanmax(ret), 2) if np.nanmax(ret) > np.nanmin(ret) else ret[i] + np.array([-0.01, 0.01])
-        right.plot(xs, validation["best_score"] + w * xs, ":", color="#2ca02c", lw=1,
-                   label="equal score through the best")
-    right.set_xlabel("retention loss: pretraining loss after − before (lower is better)")
-    right.set_ylabel("gain: fine-tuning loss before − after (higher is better)")
-    right.set_title("Trade-off (colour: α)")
-    right.legend(fontsize=7.5)
-    right.grid(alpha=0.25)
-    fig.tight_layout()
-    return atomic_write_png(fig, path, DPI)
-
-
 # --------------------------------------------------------------------------- files
 
 
@@ -756,15 +452,12 @@ def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def write_results(result: dict[str, Any], out: Path) -> dict[str, Path]:
-    """Figures, CSVs and (last, so that its presence means a finished analysis) mix.json,
-    each written atomically. Returns the paths by name."""
+def write_results(result: dict[str, Any], out: Path, draw: DrawFigures | None = None) -> dict[str, Path]:
+    """Figures (by ``draw``; none without it), CSVs and (last, so that its presence means a
+    finished analysis) mix.json, each written atomically. Returns the paths by name."""
     out = Path(out)
-    paths = {"sweep_figure": draw_sweep_figure(result, out / FIGURES_DIR / f"{SWEEP_FIGURE}.png")}
+    paths = dict(draw(result, out)) if draw is not None else {}
     if result.get("validation"):
-        fig = draw_validation_figure(result, out / FIGURES_DIR / f"{VALIDATION_FIGURE}.png")
-        if fig is not None:
-            paths["validation_figure"] = fig
         atomic_write_text(out / VALIDATION_CSV, _csv_text(result["validation"]["rows"], VALIDATION_COLUMNS))
         paths["validation_csv"] = out / VALIDATION_CSV
     atomic_write_text(out / SWEEP_CSV, _csv_text(result["sweep"], SWEEP_COLUMNS))
@@ -838,8 +531,10 @@ def _split_specs(specs: Sequence[str] | str) -> list[str]:
 
 
 def run_mix(checkpoint: str | Path, pretrain: Sequence[str] | str, finetune: str, cfg: MixConfig | None = None,
-            out: str | Path = "mix", *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The whole advisor on a checkpoint: sweep, crossing, validation, files in ``out``.
+            out: str | Path = "mix", *, log: Callable[[str], None] | None = None,
+            draw: DrawFigures | None = None) -> dict[str, Any]:
+    """The whole advisor on a checkpoint: sweep, crossing, validation, files in ``out``
+    (the figures drawn by ``draw``, none without it).
 
     ``pretrain``: one or more source specs (a comma-separated string is split), mixed in
     equal parts; ``finetune``: one source spec. Every input is checked before anything is
@@ -917,7 +612,7 @@ def run_mix(checkpoint: str | Path, pretrain: Sequence[str] | str, finetune: str
             retention_weight=cfg.retention_weight, log=log)
         result["seconds"]["validation"] = time.perf_counter() - t0
     result["seconds"]["total"] = time.perf_counter() - t_start
-    result["paths"] = {k: str(v) for k, v in write_results({k: v for k, v in result.items()}, out).items()}
+    result["paths"] = {k: str(v) for k, v in write_results({k: v for k, v in result.items()}, out, draw).items()}
     return result
 
 
@@ -986,7 +681,7 @@ def _same_analysis(path: Path, cfg: MixStudyConfig, step: int) -> bool:
 
 
 def run_mix_study(cfg: MixStudyConfig, study_out: Path, train_defaults: TrainConfig, *,
-                  log: Callable[[str], None] | None = print) -> dict[str, Any] | None:
+                  log: Callable[[str], None] | None = print, draw: DrawFigures | None = None) -> dict[str, Any] | None:
     """The measured study's data-mix part, resumably, into ``study_out/mix``.
 
     Trains the base model on ``cfg.pretrain`` into ``study_out/mix/base`` (skipped when it
@@ -1021,7 +716,7 @@ def run_mix_study(cfg: MixStudyConfig, study_out: Path, train_defaults: TrainCon
         if log is not None:
             log(f"[mix] the sweep of {checkpoint} is already in {mix_dir / RESULT_FILE}")
         return read_result(mix_dir)
-    result = run_mix(checkpoint, cfg.pretrain, cfg.finetune, cfg.mix, mix_dir, log=log)
+    result = run_mix(checkpoint, cfg.pretrain, cfg.finetune, cfg.mix, mix_dir, log=log, draw=draw)
     if log is not None:
         log(f"[mix] {result['crossing']['note']} -> {mix_dir / RESULT_FILE}")
     return result

@@ -19,10 +19,11 @@ step reads as many tokens as an AdamW step), into ``STUDY/nexus/adamw`` and
 * **Gradient agreement over training**: the ``grad_cosine/*`` rows both runs logged at
   every evaluation (cosine between per-source gradients on the validation batches).
 
-Written: ``STUDY/nexus/nexus.json`` (atomically) and ``STUDY/nexus/figures/*.png``. Runs
-are resumable like the study's (finished runs are skipped, partial ones resumed from their
-last checkpoint); when both runs were already finished and ``nexus.json`` holds the same
-settings, the stored result is reused and only missing figures are redrawn.
+Written: ``STUDY/nexus/nexus.json`` (atomically) and ``STUDY/nexus/figures/*.png`` (by the
+``draw`` the caller hands in). Runs are resumable like the study's (finished runs are
+skipped, partial ones resumed from their last checkpoint); when both runs were already
+finished and ``nexus.json`` holds the same settings, the stored result is reused and only
+missing figures are redrawn.
 """
 
 from __future__ import annotations
@@ -35,25 +36,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .plan import parse_shape, run_state
+from ..analysis.nexus import MEAN, grad_cosine_series, window_means
 from ..config import from_dict, to_dict
 from ..errors import UserError
-from ..runs import CONFIG_FILE, _clean, atomic_write_png, atomic_write_text, read_run
+from ..runs import CONFIG_FILE, _clean, atomic_write_text, read_run
 from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
-from .minima import MEAN, minima_distance
 from ..training.model import PRESETS
+from .minima import minima_distance
+from .plan import parse_shape, run_state
 
 __all__ = ["NexusStudyConfig", "NexusStudyResult", "plan_nexus_runs", "run_nexus_study", "MATCHED_LOSS_RULE",
-           "NEXUS_DIR", "NEXUS_FILE", "COMPARED_OPTIMIZERS"]
+           "NEXUS_DIR", "NEXUS_FILE", "COMPARED_OPTIMIZERS", "DrawFigures"]
 
 NEXUS_DIR = "nexus"
 NEXUS_FILE = "nexus.json"
 COMPARED_OPTIMIZERS = ("adamw", "nexus")  # the study's pair (the names a run can use: OPTIMIZER_REGISTRY)
 MATCHED_LOSS_RULE = ("target = the larger of the two runs' final validation losses (eval/loss, the mean over "
                      "sources); each run contributes its earliest evaluated checkpoint whose eval/loss is <= target")
-EARLY, LATE = 1 / 3, 2 / 3
-"""Gradient cosine 'early' = evaluations with 0 < t ≤ 1/3, 'late' = t > 2/3 (t = step / steps)."""
+DrawFigures = Callable[..., dict[str, Path]]
+"""``draw(record, nexus_dir, only_missing=False)`` draws the record's figures into
+nexus_dir/figures and returns their paths by name (experiments sit below report, so the
+caller hands in ``sharpscope.report.nexus_figures.write_nexus_figures``)."""
 
 
 @dataclass
@@ -164,28 +168,6 @@ def _check_same_settings(path: Path, config: TrainConfig) -> None:
                         "delete it (or the whole nexus folder) to train it afresh with these settings")
 
 
-def _mean(values: list[float]) -> float:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
-def _grad_cosine(rows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
-    """The run's grad_cosine/* rows as series (step, t, one list per pair and the mean)."""
-    rows = [r for r in rows if "grad_cosine/mean" in r]
-    keys = sorted({k.removeprefix("grad_cosine/") for r in rows for k in r if k.startswith("grad_cosine/")})
-    series: dict[str, Any] = {"step": [int(r["step"]) for r in rows], "t": [r["step"] / steps for r in rows]}
-    for key in keys:
-        series[key] = [r.get(f"grad_cosine/{key}") for r in rows]
-    return series
-
-
-def _window_means(series: dict[str, Any], key: str) -> tuple[float, float]:
-    t, values = series["t"], series.get(key, [])
-    early = [v for s, v in zip(t, values) if 0 < s <= EARLY]
-    late = [v for s, v in zip(t, values) if s > LATE]
-    return _mean(early), _mean(late)
-
-
 def _pick_checkpoint(run_path: Path, rows: list[dict[str, Any]], target: float) -> tuple[Path, dict[str, Any]]:
     """The earliest evaluated checkpoint whose eval/loss ≤ target, and its eval row."""
     kept = {int(p.name.removeprefix("step")): p for p in list_checkpoints(run_path)}
@@ -200,8 +182,8 @@ def _run_record(name: str, run_path: Path, nexus_dir: Path, config: TrainConfig,
     run = read_run(run_path)
     rows = run.metrics
     checkpoint, row = _pick_checkpoint(run_path, rows, target)
-    cosine = _grad_cosine(rows, config.steps)
-    early, late = _window_means(cosine, MEAN)
+    cosine = grad_cosine_series(rows, config.steps)
+    early, late = window_means(cosine, MEAN)
     at = row.get("grad_cosine/mean")
     eval_rows = [r for r in rows if "eval/loss" in r]
     record = {
@@ -219,12 +201,12 @@ def _run_record(name: str, run_path: Path, nexus_dir: Path, config: TrainConfig,
     if name == "nexus":
         inner = [r for r in rows if r.get("optim/inner_cosine") is not None]
         series = {"t": [r["step"] / config.steps for r in inner], "v": [r["optim/inner_cosine"] for r in inner]}
-        record["inner_cosine_early"], record["inner_cosine_late"] = _window_means(series, "v")
+        record["inner_cosine_early"], record["inner_cosine_late"] = window_means(series, "v")
     return record
 
 
 def run_nexus_study(cfg: NexusStudyConfig, study_out: Path, train_defaults: TrainConfig, *,
-                    log: Callable[[str], None] | None = print) -> NexusStudyResult:
+                    log: Callable[[str], None] | None = print, draw: DrawFigures | None = None) -> NexusStudyResult:
     """Train (or continue) the AdamW and Nexus runs into STUDY/nexus and write the
     diagnostics (module docstring). ``train_defaults``: the settings shared with the
     study's runs (data, optimizer hyper-parameters, schedule, eval batches, device); this
@@ -263,7 +245,8 @@ def run_nexus_study(cfg: NexusStudyConfig, study_out: Path, train_defaults: Trai
     stored = _stored_record(nexus_dir)
     if (not result.ran and not result.resumed and stored is not None and stored.get("settings") == _clean(settings)):
         result.record, result.reused = stored, True
-        _write_figures(stored, nexus_dir, only_missing=True)
+        if draw is not None:
+            draw(stored, nexus_dir, only_missing=True)
         return result
 
     finals = {name: _final_loss(nexus_dir / name) for name in plans}
@@ -290,7 +273,7 @@ def run_nexus_study(cfg: NexusStudyConfig, study_out: Path, train_defaults: Trai
         "grad_cosine_at_checkpoint": r["grad_cosine_at_checkpoint"]} for name, r in record["runs"].items()}
     record = _clean(record)
     record["figures"] = {name: path.relative_to(nexus_dir).as_posix()
-                         for name, path in _write_figures(record, nexus_dir).items()}
+                         for name, path in (draw(record, nexus_dir) if draw is not None else {}).items()}
     atomic_write_text(nexus_dir / NEXUS_FILE, json.dumps(record, indent=2, allow_nan=False) + "\n")
     result.record = record
     return result
@@ -309,118 +292,3 @@ def _final_loss(run_path: Path) -> float:
     if not losses:
         raise UserError(f"'{run_path}' logged no finite eval/loss; delete it to train it again")
     return float(losses[-1])
-
-
-# --- figures ---------------------------------------------------------------------------
-
-COLORS = {"adamw": "#1f77b4", "nexus": "#d62728"}
-LABELS = {"adamw": "AdamW", "nexus": "Nexus"}
-FIGURES = ("grad_cosine", "segments", "distances")
-
-
-def _write_figures(record: dict[str, Any], nexus_dir: Path, *, only_missing: bool = False) -> dict[str, Path]:
-    """figures/grad_cosine.png, figures/segments.png and figures/distances.png (matplotlib,
-    Agg, imported here only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder = nexus_dir / "figures"
-    makers = {"grad_cosine": _grad_cosine_figure, "segments": _segments_figure, "distances": _distances_figure}
-    out = {}
-    for name in FIGURES:
-        path = folder / f"{name}.png"
-        out[name] = path
-        if only_missing and path.is_file() and path.stat().st_size > 0:
-            continue
-        atomic_write_png(makers[name](plt, record), path)
-    return out
-
-
-def _nan(values):
-    return [math.nan if v is None else v for v in values]
-
-
-def _grad_cosine_figure(plt, record):
-    runs = record["runs"]
-    keys = sorted({k for r in runs.values() for k in r["grad_cosine"] if k not in ("step", "t", MEAN)})
-    panels = [MEAN, *keys]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharey=True, squeeze=False)
-    for ax, key in zip(axes[0], panels):
-        for name, r in runs.items():
-            series = r["grad_cosine"]
-            if key in series:
-                ax.plot(series["step"], _nan(series[key]), marker="o", ms=3, color=COLORS[name], label=LABELS[name])
-            ax.axvline(r["checkpoint_step"], color=COLORS[name], ls=":", lw=1)
-        ax.axhline(0, color="#999", lw=0.6)
-        ax.set_title("mean over pairs" if key == MEAN else key.replace("~", " vs "), fontsize=10)
-        ax.set_xlabel("step")
-    axes[0][0].set_ylabel("cos(g_a, g_b), validation batches")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Cross-source gradient cosine over training (dotted: checkpoint at matched loss)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def _segments_figure(plt, record):
-    runs = record["runs"]
-    pairs = sorted({k for r in runs.values() for k in r["minima"]["segments"]})
-    fig, axes = plt.subplots(2, len(pairs), figsize=(3.8 * len(pairs), 6.4), squeeze=False)
-    for col, pair in enumerate(pairs):
-        a, b = pair.split("~")
-        for name, r in runs.items():
-            m = r["minima"]
-            if pair not in m["segments"]:
-                continue
-            curves = m["segments"][pair]
-            barrier = m["barrier"][pair][MEAN]
-            axes[0][col].plot(m["tau"], _nan(curves[MEAN]), marker="o", ms=3, color=COLORS[name],
-                              label=f"{LABELS[name]} (barrier {barrier:.3g})")
-            axes[0][col].axhline(m["losses"]["theta0"][MEAN], color=COLORS[name], ls=":", lw=1,
-                                 label=f"{LABELS[name]} θ_0")
-            axes[1][col].plot(m["tau"], _nan(curves[a]), color=COLORS[name], label=f"{LABELS[name]}: {a}")
-            axes[1][col].plot(m["tau"], _nan(curves[b]), color=COLORS[name], ls="--", label=f"{LABELS[name]}: {b}")
-        axes[0][col].set_title(f"θ_{a} (τ=0) → θ_{b} (τ=1)", fontsize=10)
-        axes[0][col].legend(fontsize=7)
-        axes[1][col].legend(fontsize=7)
-        axes[1][col].set_xlabel("τ")
-    axes[0][0].set_ylabel("mean validation loss over sources\n(dotted: at θ_0)")
-    axes[1][0].set_ylabel("validation loss of the two ends' sources")
-    fig.suptitle("Loss along the segment between two per-source fine-tunes", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def _bars(ax, groups: list[str], values: dict[str, list[float]], title: str) -> None:
-    width = 0.8 / max(len(values), 1)
-    for i, (name, vals) in enumerate(values.items()):
-        xs = [j + (i - (len(values) - 1) / 2) * width for j in range(len(groups))]
-        ax.bar(xs, _nan(vals), width=width, color=COLORS[name], label=LABELS[name])
-    ax.axhline(0, color="#999", lw=0.6)
-    finite = [v for vals in values.values() for v in vals if v is not None and math.isfinite(v)]
-    if finite and all(v == 0 for v in finite):
-        ax.text(0.5, 0.7, "0 for every pair", transform=ax.transAxes, ha="center", va="center", fontsize=9,
-                color="#555")
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([g.replace("~", "\nvs ") for g in groups], fontsize=8)
-    ax.set_title(title, fontsize=10)
-
-
-def _distances_figure(plt, record):
-    runs = record["runs"]
-    pairs = sorted({k for r in runs.values() for k in r["minima"]["distance"]})
-    sources = sorted({k for r in runs.values() for k in r["minima"]["displacement"]})
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
-    _bars(axes[0], pairs, {n: [r["minima"]["relative_distance"].get(p) for p in pairs] for n, r in runs.items()},
-          "‖θ_a − θ_b‖ / ‖θ_0‖")
-    _bars(axes[1], sources, {n: [r["minima"]["relative_displacement"].get(s) for s in sources]
-                             for n, r in runs.items()}, "fine-tune displacement ‖θ_s − θ_0‖ / ‖θ_0‖")
-    _bars(axes[2], pairs, {n: [r["minima"]["barrier"].get(p, {}).get(MEAN) for p in pairs] for n, r in runs.items()},
-          "barrier: max − mean of ends (mean loss)")
-    _bars(axes[3], pairs, {n: [r["minima"].get("barrier_linear", {}).get(p, {}).get(MEAN) for p in pairs]
-                           for n, r in runs.items()}, "rise above the chord (mean loss)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Per-source minima at matched pretraining loss", fontsize=10)
-    fig.tight_layout()
-    return fig

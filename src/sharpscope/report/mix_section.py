@@ -54,7 +54,7 @@ def _validation_rows(validation: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _figures(result: dict[str, Any], mix_dir: Path, out: Path) -> dict[str, Path]:
-    from ..experiments.mix import draw_sweep_figure, draw_validation_figure
+    from .mix_figures import draw_sweep_figure, draw_validation_figure
 
     figures: dict[str, Path] = {}
     for name, draw in zip(FIGURES, (draw_sweep_figure, draw_validation_figure)):
