@@ -22,22 +22,20 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import from_dict, to_dict
+from ..config import to_dict
 from ..errors import UserError
-from ..runs import CONFIG_FILE, atomic_write_text
+from ..runs import atomic_write_text
 from ..training.config import TrainConfig
 from ..training.model import PRESETS, GPT, GPTConfig, count_parameters
-from . import mix, nexus
-from .mix import MixStudyConfig, run_mix_study
-from .nexus import NexusStudyConfig, run_nexus_study
-from .plan import parse_shape, run_state
+from .mix import DrawFigures as DrawMixFigures, MixStudyConfig, run_mix_study
+from .nexus import DrawFigures as DrawNexusFigures, NexusStudyConfig, run_nexus_study
+from .plan import is_lead, parse_shape, run_state, stored_train_settings, train_from_state, with_current_defaults
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd", "cosine_restarts")
 PLAN_FILE = "study.json"
@@ -233,7 +231,7 @@ def _check_plan(out: Path, record: dict[str, Any], force: bool) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON; delete it or pass --force to re-plan the study") from None
-    stored = _with_current_defaults(StudyConfig, old.get("config", {}))
+    stored = with_current_defaults(StudyConfig, old.get("config", {}))
     # the mix advisor and the Nexus comparison keep (and check) their own state
     grid = {k: v for k, v in record["config"].items() if k not in _OWN_STATE}
     stored = {k: v for k, v in (stored or {}).items() if k not in _OWN_STATE} if stored is not None else None
@@ -304,7 +302,7 @@ def run_dir(out: Path, run: PlannedRun) -> Path:
 
 def run_study(cfg: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0, 1), force: bool = False,
               progress: bool = True, log: Callable[[str], None] | None = print,
-              draw_mix: mix.DrawFigures | None = None, draw_nexus: nexus.DrawFigures | None = None) -> StudyResult:
+              draw_mix: DrawMixFigures | None = None, draw_nexus: DrawNexusFigures | None = None) -> StudyResult:
     """Run (or continue) the grid into ``out``; ``shard=(i, n)`` runs only every n-th run
     starting at i (to spread a study over machines sharing ``out``). ``draw_mix`` and
     ``draw_nexus`` draw the data-mix and Nexus parts' figures (none without them)."""
@@ -323,7 +321,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0,
     if world > 1 and not dist.is_initialized():  # one process group for the whole grid
         dist.init_process_group(backend="nccl" if cfg.train.device.startswith("cuda") else "gloo")
         own_group = True
-    lead = not dist.is_initialized() or dist.get_rank() == 0
+    lead = is_lead()
     try:
         _check_plan(out, record, force)
         if lead:
@@ -333,12 +331,10 @@ def run_study(cfg: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0,
         states = {r.name: run_state(run_dir(out, r), r.steps) for r in mine}
         if force:  # a run trained with other settings starts over (the loop below clears its folder)
             for r in mine:
-                if states[r.name] != "fresh" and not _same_settings(run_dir(out, r), r):
+                if states[r.name] != "fresh" and stored_train_settings(run_dir(out, r)) != to_dict(r.config):
                     states[r.name] = "fresh"
         done_cost = sum(r.cost for r in mine if states[r.name] == "done")
         bar = _GridProgress(mine, done_cost, enabled=progress and lead)
-        from ..training.trainer import train
-
         try:
             for i, r in enumerate(mine):
                 state = states[r.name]
@@ -346,13 +342,9 @@ def run_study(cfg: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0,
                 if state == "done":
                     result.skipped.append(r.name)
                     continue
-                if state == "fresh" and path.exists() and lead:
-                    shutil.rmtree(path)  # a run killed before its first checkpoint has nothing to keep
-                if dist.is_initialized():
-                    dist.barrier()
                 bar.run_started(i, r, "resuming" if state == "partial" else "new")
                 t0 = time.perf_counter()
-                train(r.config, path, resume=state == "partial", on_step=lambda done, total, r=r: bar.step(r))
+                train_from_state(r.config, path, state, on_step=lambda done, total, r=r: bar.step(r))
                 result.seconds[r.name] = time.perf_counter() - t0
                 (result.resumed if state == "partial" else result.ran).append(r.name)
         finally:
@@ -369,21 +361,3 @@ def run_study(cfg: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0,
             gc.collect()
             dist.destroy_process_group()
     return result
-
-
-def _with_current_defaults(cls: type, stored: Any) -> dict[str, Any] | None:
-    """A stored config read back through today's dataclass, so that a setting added since
-    (with its default) does not count as a change; None when it no longer reads."""
-    try:
-        return to_dict(from_dict(cls, stored))
-    except (UserError, TypeError, AttributeError):
-        return None
-
-
-def _same_settings(path: Path, run: PlannedRun) -> bool:
-    """Whether the run on disk was trained with the settings the plan now gives it."""
-    try:
-        stored = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("train")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return _with_current_defaults(TrainConfig, stored) == to_dict(run.config)

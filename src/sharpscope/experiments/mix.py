@@ -49,7 +49,6 @@ import dataclasses
 import io
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +57,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..analysis.mix import crossing_summary, curve_value, trade_off
-from ..config import from_dict, to_dict
+from ..config import to_dict
 from ..curvature import CriticalSharpnessResult, DirectionCapture, NonFiniteLossError, critical_sharpness
 from ..curvature._evaluate import Objective
 from ..curvature._state import OptimizerStateGuard, StateGuard, trainable_parameters
@@ -70,7 +69,7 @@ from ..training.config import TrainConfig
 from ..training.measure import checkpoint_config
 from ..training.model import PRESETS
 from ..training.trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
-from .plan import parse_shape, run_state
+from .plan import is_lead, parse_shape, run_state, train_from_state, with_current_defaults
 
 __all__ = [
     "MixConfig", "MixStreams", "MixStudyConfig", "check_mix_config", "fine_tune", "mix_direction", "mix_sweep",
@@ -672,10 +671,10 @@ def mix_base_config(cfg: MixStudyConfig, train_defaults: TrainConfig) -> TrainCo
 def _same_analysis(path: Path, cfg: MixStudyConfig, step: int) -> bool:
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
-        stored_cfg = to_dict(from_dict(MixConfig, stored["config"]))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, UserError):
+        stored_cfg = stored["config"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return False
-    return (stored_cfg == to_dict(cfg.mix) and stored.get("step") == step
+    return (with_current_defaults(MixConfig, stored_cfg) == to_dict(cfg.mix) and stored.get("step") == step
             and stored.get("pretrain_specs") == _split_specs(cfg.pretrain)
             and stored.get("finetune_spec") == cfg.finetune)
 
@@ -692,23 +691,17 @@ def run_mix_study(cfg: MixStudyConfig, study_out: Path, train_defaults: TrainCon
     rank other than 0 under torch.distributed: ranks train together, rank 0 analyses).
     Called by the study driver when ``cfg.enabled``; it does not check the flag itself.
     """
-    from ..training.trainer import train
-
     mix_dir = Path(study_out) / MIX_DIR
     base = mix_dir / BASE_DIR
     check_mix_config(cfg.mix)
     config = mix_base_config(cfg, train_defaults)
     state = run_state(base, config.steps)
-    if state == "fresh" and base.exists():
-        shutil.rmtree(base)  # killed before its first checkpoint: nothing to keep
     if state != "done":
         if log is not None:
             log(f"[mix] training the base model {cfg.size} on {', '.join(cfg.pretrain)} for {cfg.steps} steps "
                 f"({'resuming' if state == 'partial' else 'new'}) -> {base}")
-        train(config, base, resume=state == "partial")
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        train_from_state(config, base, state)
+    if not is_lead():
         return None
     checkpoint = list_checkpoints(base)[-1]
     step = int(checkpoint.name.removeprefix("step"))

@@ -31,20 +31,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..analysis.nexus import MEAN, grad_cosine_series, window_means
-from ..config import from_dict, to_dict
+from ..config import to_dict
 from ..errors import UserError
 from ..runs import CONFIG_FILE, _clean, atomic_write_text, read_run
 from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
 from ..training.model import PRESETS
 from .minima import minima_distance
-from .plan import parse_shape, run_state
+from .plan import is_lead, parse_shape, run_state, stored_train_settings, train_from_state
 
 __all__ = ["NexusStudyConfig", "NexusStudyResult", "plan_nexus_runs", "run_nexus_study", "MATCHED_LOSS_RULE",
            "NEXUS_DIR", "NEXUS_FILE", "COMPARED_OPTIMIZERS", "DrawFigures"]
@@ -157,10 +156,9 @@ def _check_same_settings(path: Path, config: TrainConfig) -> None:
     file = path / CONFIG_FILE
     if not file.is_file():
         return
-    try:
-        stored = to_dict(from_dict(TrainConfig, json.loads(file.read_text(encoding="utf-8"))["train"]))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, UserError):
-        raise UserError(f"{file} is not the config of a training run; delete '{path}' to train it afresh") from None
+    stored = stored_train_settings(path)
+    if stored is None:
+        raise UserError(f"{file} is not the config of a training run; delete '{path}' to train it afresh")
     wanted = to_dict(config)
     if stored != wanted:
         changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
@@ -212,15 +210,11 @@ def run_nexus_study(cfg: NexusStudyConfig, study_out: Path, train_defaults: Trai
     study's runs (data, optimizer hyper-parameters, schedule, eval batches, device); this
     function sets name, group, seed, steps, model shape, sources, optimizer name, Nexus
     settings and cadences itself."""
-    import torch.distributed as dist
-
-    from ..training.trainer import train
-
     plans = plan_nexus_runs(cfg, train_defaults)
     nexus_dir = Path(study_out) / NEXUS_DIR
     if nexus_dir.exists() and not nexus_dir.is_dir():
         raise UserError(f"'{nexus_dir}' exists and is not a directory; move it away")
-    lead = not dist.is_initialized() or dist.get_rank() == 0
+    lead = is_lead()
     result = NexusStudyResult(out=nexus_dir, record={})
     for name, config in plans.items():
         path = nexus_dir / name
@@ -230,13 +224,9 @@ def run_nexus_study(cfg: NexusStudyConfig, study_out: Path, train_defaults: Trai
         if state == "done":
             result.skipped.append(name)
             continue
-        if state == "fresh" and path.exists() and lead:
-            shutil.rmtree(path)  # killed before its first checkpoint: nothing to keep
-        if dist.is_initialized():
-            dist.barrier()
         if log is not None and lead:
             log(f"nexus study: {'resuming' if state == 'partial' else 'training'} {name} ({config.steps} steps)")
-        train(config, path, resume=state == "partial")
+        train_from_state(config, path, state)
         (result.resumed if state == "partial" else result.ran).append(name)
     if not lead:
         return result

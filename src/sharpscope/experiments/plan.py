@@ -1,14 +1,21 @@
-"""Shapes and run states shared by the measured study and its parts (the data-mix
-advisor's base model, the Nexus comparison): a size written as a preset name or a shape,
-and whether a run directory is finished, resumable or fresh."""
+"""What the measured study and its parts (the data-mix advisor's base model, the Nexus
+comparison) share to plan and resume their runs: a size written as a preset name or a
+shape, whether a run directory is finished, resumable or fresh, training it from that
+state, and whether what is on disk was made with today's settings."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
+from typing import Any, Callable
 
+from ..config import from_dict, to_dict
 from ..errors import UserError
+from ..runs import CONFIG_FILE
 from ..training.checkpoint import list_checkpoints
+from ..training.config import TrainConfig
 from ..training.model import PRESETS
 
 _SHAPE = re.compile(r"(\d+)x(\d+)(?:x(\d+))?")
@@ -38,3 +45,46 @@ def run_state(run_dir: Path, steps: int) -> str:
     if checkpoints and int(checkpoints[-1].name.removeprefix("step")) >= steps:
         return "done"
     return "partial" if checkpoints else "fresh"
+
+
+def is_lead() -> bool:
+    """Whether this process writes shared files: rank 0 under torch.distributed, else always."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def train_from_state(config: TrainConfig, path: Path, state: str,
+                     on_step: Callable[[int, int], None] | None = None) -> None:
+    """Train the run at ``path`` from its :func:`run_state`: a 'partial' run resumes from its
+    last checkpoint, a 'fresh' one starts in an emptied folder (a run killed before its
+    first checkpoint has nothing to keep). Every rank calls this; rank 0 empties the folder
+    while the others wait."""
+    import torch.distributed as dist
+
+    from ..training.trainer import train
+
+    if state == "fresh" and path.exists() and is_lead():
+        shutil.rmtree(path)
+    if dist.is_initialized():
+        dist.barrier()
+    train(config, path, resume=state == "partial", on_step=on_step)
+
+
+def with_current_defaults(cls: type, stored: Any) -> dict[str, Any] | None:
+    """A stored config read back through today's dataclass, so that a setting added since
+    (with its default) does not count as a change; None when it no longer reads."""
+    try:
+        return to_dict(from_dict(cls, stored))
+    except (UserError, TypeError, AttributeError):
+        return None
+
+
+def stored_train_settings(run_path: Path) -> dict[str, Any] | None:
+    """The TrainConfig a run on disk was trained with (its config.json), read through
+    today's defaults; None when there is none or it does not read."""
+    try:
+        stored = json.loads((run_path / CONFIG_FILE).read_text(encoding="utf-8"))["train"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+    return with_current_defaults(TrainConfig, stored)
