@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from sharpscope.cli import main
-from sharpscope.config import load_config
+from sharpscope.config import load_config, to_dict
 from sharpscope.errors import UserError
+from sharpscope.experiments.grid_study import StudyConfig, plan_study, run_study
+from sharpscope.experiments.plan import parse_shape, run_state, stored_train_settings
 from sharpscope.training.checkpoint import list_checkpoints
 from sharpscope.training.model import GPT, GPTConfig, count_parameters
-from sharpscope.experiments.grid_study import StudyConfig, parse_shape, plan_study, run_state, run_study
 
 # A grid that trains in seconds: three one-block models, two schedules at one size.
 TINY = [
@@ -140,6 +141,17 @@ def test_study_writes_every_run(tiny_study):
         assert sum("sharpness/critical" in m for m in metrics) >= 6
         assert any("sharpness/lambda_max" in m for m in metrics)
         assert len(list_checkpoints(run)) == 1  # only the latest is kept
+
+
+def test_stored_train_settings(tiny_study, tmp_path):
+    """A finished run's settings read back equal to the plan's; a missing or garbled
+    config.json reads as None (so the run counts as trained with other settings)."""
+    planned = next(r for r in plan_study(tiny_config()) if r.name == "1x24-cosine-s0")
+    assert stored_train_settings(tiny_study / "runs" / planned.name) == to_dict(planned.config)
+    assert stored_train_settings(tmp_path / "absent") is None
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("[1, 2]")
+    assert stored_train_settings(tmp_path / "bad") is None
 
 
 def test_rerun_skips_finished_runs(tiny_study):
