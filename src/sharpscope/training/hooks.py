@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     import torch
 
     from .config import TrainConfig
-    from .trainer import Trainer
+
+# The running training.trainer.Trainer. Not imported, even for type checking: trainer.py
+# imports this module, and the import graph stays free of cycles.
+Trainer = Any
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class StepResult:
     """A step whose training metrics are logged (every ``log_every``, and the last)."""
 
 
-StepHook = Callable[["Trainer", StepResult, dict[str, Any]], None]
+StepHook = Callable[[Trainer, StepResult, dict[str, Any]], None]
 
 
 def _to_float(value) -> float:
