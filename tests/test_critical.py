@@ -599,7 +599,7 @@ def test_bf16_autocast_runs_the_loss_under_autocast():
 
 
 def test_autocast_covers_every_device_type_holding_parameters():
-    from sharpscope.curvature._evaluate import device_types
+    from sharpscope.tensors.objective import device_types
 
     model = tiny_transformer(seed=1).float()
     assert device_types(model) == ["cpu"]

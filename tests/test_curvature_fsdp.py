@@ -287,8 +287,8 @@ def vector_checks(mesh) -> dict:
     1 + 0 rows), replicated, and whole tensors, against the same sums on whole tensors."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from sharpscope.curvature import _fsdp
-    from sharpscope.curvature import _vectors as vec
+    from sharpscope.tensors import fsdp
+    from sharpscope.tensors import vectors as vec
 
     g = torch.Generator().manual_seed(3)
     wholes = [torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((5, 3), (1, 4), (7,), (4, 2))]
@@ -302,7 +302,7 @@ def vector_checks(mesh) -> dict:
     other = lay_out([2.0 * t + 1.0 for t in wholes])
     with_nan = [t.clone() for t in wholes]
     with_nan[0][4, 1] = math.nan  # in rank 1's shard only
-    gathered = _fsdp.FullParameters(laid, wholes).gather(laid)
+    gathered = fsdp.FullParameters(laid, wholes).gather(laid)
     return {
         "dots": [vec.dot(laid, other), vec.dot(wholes, [2.0 * t + 1.0 for t in wholes])],
         "per_tensor": [vec.dots(laid, other), vec.dots(wholes, [2.0 * t + 1.0 for t in wholes])],

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ._evaluate import LossFn
-from ._vectors import dot
+from ..tensors.objective import LossFn
+from ..tensors.vectors import dot
 from .critical import update_direction
 
 __all__ = ["GradientAgreement", "gradient_agreement"]

@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from ._state import trainable_parameters
+from ..tensors.state import trainable_parameters
 
 __all__ = ["DirectionCapture"]
 

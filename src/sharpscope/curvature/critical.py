@@ -37,9 +37,9 @@ from typing import Any, Sequence
 
 import torch
 
-from . import _vectors as vec
-from ._evaluate import LossFn, Objective
-from ._state import StateGuard, trainable_parameters, unwrap_model
+from ..tensors import vectors as vec
+from ..tensors.objective import LossFn, Objective
+from ..tensors.state import StateGuard, trainable_parameters, unwrap_model
 
 __all__ = [
     "CriticalSharpnessResult",
@@ -567,7 +567,7 @@ def update_direction(
     and the gradients are restored exactly. Works with any ``torch.optim`` optimizer.
     """
     from .capture import DirectionCapture  # local: capture imports this module's siblings
-    from ._state import OptimizerStateGuard
+    from ..tensors.state import OptimizerStateGuard
 
     model = unwrap_model(model)
     params = trainable_parameters(model)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _vectors as vec
+from ..tensors import vectors as vec
 from .products import GGNOperator
 
 __all__ = ["DecompositionResult", "sharpness_gradient_decomposition"]

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from . import _vectors as vec
-from ._evaluate import LossFn
+from ..tensors import vectors as vec
+from ..tensors.objective import LossFn
 from .products import HessianOperator
 
 __all__ = ["EigenResult", "lanczos", "power_iteration", "hessian_eigenvalues"]

@@ -37,9 +37,9 @@ from typing import Any, Iterator
 
 import torch
 
-from . import _dist
-from ._evaluate import LossFn, Objective, precision_of
-from ._state import unwrap_model
+from ..tensors.distributed import mean_floats
+from ..tensors.objective import LossFn, Objective, precision_of
+from ..tensors.state import unwrap_model
 from .capture import DirectionCapture
 from .critical import CriticalSharpnessResult, search_critical_lr
 from .eigen import hessian_eigenvalues
@@ -221,7 +221,7 @@ class SharpnessMonitor:
         measurement that follows is collective)."""
         moved = any(bool(d.any()) for d in direction)
         if self.objective.group is not None:
-            moved = _dist.mean_floats([float(moved)], self.objective.group)[0] > 0
+            moved = mean_floats([float(moved)], self.objective.group)[0] > 0
         return moved
 
     def end_step(self) -> dict[str, float] | None:

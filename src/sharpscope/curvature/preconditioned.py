@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ._evaluate import LossFn
-from ._state import trainable_parameters, unwrap_model
+from ..tensors.objective import LossFn
+from ..tensors.state import trainable_parameters, unwrap_model
 from .eigen import lanczos
 from .products import HessianOperator
 

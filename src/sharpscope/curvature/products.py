@@ -23,7 +23,7 @@ Operators are context managers: on entry they take the state guard (eval mode by
 default) and build graphs; on exit they free the graphs and restore the model exactly.
 A model sharded with fully_shard (FSDP2) is held unsharded while an operator is open:
 graphs are built on the full parameters, vectors go in and come out sharded like the
-parameters (see ``_fsdp``).
+parameters (see ``fsdp``).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _fsdp
-from . import _vectors as vec
-from ._evaluate import LossFn, Objective, full_precision
-from ._state import StateGuard, trainable_parameters, unwrap_model
+from ..tensors import fsdp
+from ..tensors import vectors as vec
+from ..tensors.objective import LossFn, Objective, full_precision
+from ..tensors.state import StateGuard, trainable_parameters, unwrap_model
 
 __all__ = [
     "HessianOperator",
@@ -85,7 +85,7 @@ class _Operator:
         self.matvecs = 0
         self._guard: StateGuard | None = None
         self._stack: contextlib.ExitStack | None = None
-        self._view: _fsdp.FullParameters | None = None
+        self._view: fsdp.FullParameters | None = None
         # The tensors autograd differentiates with respect to: the parameters, or for a
         # sharded model their full (all-gathered) stand-ins; set while the operator is open.
         self.graph_params: list[torch.Tensor] | None = None
@@ -105,8 +105,8 @@ class _Operator:
         try:
             torch.set_grad_enabled(True)
             # A sharded (FSDP2) model is held unsharded while the operator is open: its
-            # graphs are built on the full parameters (see _fsdp).
-            self._view = stack.enter_context(_fsdp.full_parameters(self.model, self.params))
+            # graphs are built on the full parameters (see fsdp).
+            self._view = stack.enter_context(fsdp.full_parameters(self.model, self.params))
             self.graph_params = self._view.full
             stack.callback(self._release)
             self._build()

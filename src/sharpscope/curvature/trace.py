@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import _vectors as vec
-from ._evaluate import LossFn
+from ..tensors import vectors as vec
+from ..tensors.objective import LossFn
 from .products import HessianOperator
 
 __all__ = ["TraceResult", "hutchinson", "hutchpp", "hessian_trace"]

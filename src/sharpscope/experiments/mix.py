@@ -59,8 +59,8 @@ import torch
 from ..analysis.mix import crossing_summary, curve_value, trade_off
 from ..config import to_dict
 from ..curvature import CriticalSharpnessResult, DirectionCapture, NonFiniteLossError, critical_sharpness
-from ..curvature._evaluate import Objective
-from ..curvature._state import OptimizerStateGuard, StateGuard, trainable_parameters
+from ..tensors.objective import Objective
+from ..tensors.state import OptimizerStateGuard, StateGuard, trainable_parameters
 from ..errors import UserError
 from ..runs import _clean, atomic_write_text
 from ..training import data as data_lib

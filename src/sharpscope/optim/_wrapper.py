@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..curvature._state import _restore_rng_states, _rng_states
+from ..tensors.state import restore_rng_states, rng_states
 
 Closure = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
@@ -162,7 +162,7 @@ class PassOptimizer(torch.optim.Optimizer):
         self._zero_grads()
         self._save_origin()
         n = self.num_passes
-        rng_at_start = _rng_states()
+        rng_at_start = rng_states()
         rng_after_first = None
         buffers = None
         try:
@@ -170,7 +170,7 @@ class PassOptimizer(torch.optim.Optimizer):
                 self._phase = k
                 if k > 0 and self.repeat_passes:
                     # The same dropout masks in every pass; buffers as the first pass left them.
-                    _restore_rng_states(rng_at_start)
+                    restore_rng_states(rng_at_start)
                     if buffers is None and self.model is not None:
                         buffers = [b.detach().clone() for b in self.model.buffers()]
                 with self._sync(last=k == n - 1):
@@ -178,7 +178,7 @@ class PassOptimizer(torch.optim.Optimizer):
                 if self._phase != k + 1:
                     raise RuntimeError("call optimizer.backward(outputs, loss) exactly once in every pass")
                 if k == 0 and self.repeat_passes and n > 1:
-                    rng_after_first = _rng_states()
+                    rng_after_first = rng_states()
             self._before_base_step()
             self._restore_origin()
             self._ready = True
@@ -189,7 +189,7 @@ class PassOptimizer(torch.optim.Optimizer):
                     for saved, b in zip(buffers, self.model.buffers()):
                         b.copy_(saved)
             if rng_after_first is not None:
-                _restore_rng_states(rng_after_first)  # as one ordinary forward would leave it
+                restore_rng_states(rng_after_first)  # as one ordinary forward would leave it
             self._phase = None
 
     def backward(self, outputs: torch.Tensor, loss: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ sharded module, between those sharded parameters and all-gathered full ones:
   costs the memory of the full parameters on every rank while it is open.
 
 Vectors (directions, Lanczos bases, probes) stay DTensors sharded like the parameters;
-their reductions are in :mod:`._vectors`.
+their reductions are in :mod:`.vectors`.
 
 FSDP2 internals are read where FSDP2 has setters but no getters, each use marked
 "internal": a module's parameter groups and root flag, the root's lazy initialisation,
@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-__all__ = ["FullParameters", "distribute_tensor", "fsdp_modules", "full_parameters", "is_dtensor", "reshard"]
+__all__ = ["FullParameters", "distribute_tensor", "fsdp_modules", "full_parameters", "is_dtensor", "recover", "reshard"]
 
 
 # FSDP2 and DTensor are looked up, not imported: importing them costs most of a second

@@ -22,7 +22,7 @@ ranks are handled once:
 * A model sharded with FSDP2 is resharded before and after each forward-only evaluation
   (its root keeps the full parameters after a forward, and would not all-gather the next
   probe's values), and its gradients are taken on the full parameters and cut to this
-  rank's shards (see ``_fsdp``).
+  rank's shards (see ``fsdp``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from typing import Any, Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import _dist, _fsdp
+from . import fsdp
+from .distributed import mean_floats, mean_tensors_, rank, resolve_group, world_size
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -102,9 +103,9 @@ class Objective:
         self.batches = as_batch_list(batches)
         self.autocast = autocast
         self.seed = int(seed)
-        self.group = _dist.resolve_group(distributed, process_group)
-        self.sharded = bool(_fsdp.fsdp_modules(model))
-        if self.sharded and self.group is None and _dist.world_size() > 1:
+        self.group = resolve_group(distributed, process_group)
+        self.sharded = bool(fsdp.fsdp_modules(model))
+        if self.sharded and self.group is None and world_size() > 1:
             raise ValueError(
                 "the model is sharded with fully_shard: its forward passes are collective, so "
                 "every rank must take part in the measurement and the loss is the mean over "
@@ -113,7 +114,7 @@ class Objective:
         # Dropout seeds follow a batch's position in the global batch (rank-major), so a
         # sharded measurement sees the masks the single-process one sees on the same
         # global batch (this assumes every rank holds the same number of batches).
-        self._seed_base = self.seed + _dist.rank(self.group) * len(self.batches)
+        self._seed_base = self.seed + rank(self.group) * len(self.batches)
         self.calls = 0
 
     @contextlib.contextmanager
@@ -151,7 +152,7 @@ class Objective:
         """Sums over this rank's batches → the mean over batches and ranks, in place."""
         for t in tensors:
             t.div_(len(self.batches))
-        _dist.mean_tensors_(tensors, self.group)
+        mean_tensors_(tensors, self.group)
         return tensors
 
     def local_gradient_sum(self, params: list[torch.Tensor], *, second_order: bool = False) -> list[torch.Tensor]:
@@ -170,7 +171,7 @@ class Objective:
         """∇L over all batches and ranks, by ``autograd.grad`` (``.grad`` is never touched);
         zero for parameters the loss does not use. ``params`` are the model's trainable
         parameters; for a sharded model the result is sharded like them."""
-        with _fsdp.full_parameters(self.model, params) as view:
+        with fsdp.full_parameters(self.model, params) as view:
             return view.shard(self.batch_mean_(self.local_gradient_sum(view.full, second_order=second_order)))
 
     def value(self) -> float:
@@ -178,11 +179,11 @@ class Objective:
         self.calls += 1
         total = 0.0
         if self.sharded:
-            _fsdp.reshard(self.model)
+            fsdp.reshard(self.model)
         with torch.no_grad():
             for i in range(len(self.batches)):
                 total += float(self.loss(i).double())
         if self.sharded:
-            _fsdp.reshard(self.model)
+            fsdp.reshard(self.model)
         local = total / len(self.batches)
-        return _dist.mean_floats([local], self.group)[0]
+        return mean_floats([local], self.group)[0]

@@ -9,7 +9,7 @@ origin, so the guard costs no extra memory there.
 A model sharded with FSDP2 is guarded through its sharded parameters (each rank copies
 and restores its own shards, grads and buffers); it is resharded on entry and on exit,
 so it comes back with the sharded parameters registered and its next forward
-all-gathers the restored values (see ``_fsdp``).
+all-gathers the restored values (see ``fsdp``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import _fsdp
+from . import fsdp
 
-__all__ = ["StateGuard", "OptimizerStateGuard", "unwrap_model", "trainable_parameters"]
+__all__ = ["StateGuard", "OptimizerStateGuard", "restore_rng_states", "rng_states", "trainable_parameters", "unwrap_model"]
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -43,7 +43,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 def _refuse_flat_parameter_fsdp(model: torch.nn.Module) -> None:
     # The FSDP1 wrapper flattens parameters into FlatParameters: directions could not be
     # aligned with the model's parameters, and measuring would be silently wrong.
-    if _fsdp.is_flat_parameter_fsdp(model):
+    if fsdp.is_flat_parameter_fsdp(model):
         raise TypeError(
             "models wrapped in FullyShardedDataParallel (FSDP1) are not supported; shard "
             "them with torch.distributed.fsdp.fully_shard (FSDP2) instead"
@@ -57,11 +57,11 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     model is resharded first, since after a forward its root holds the full ones.
     """
     inner = unwrap_model(model)
-    _fsdp.reshard(inner)
+    fsdp.reshard(inner)
     return [p for p in inner.parameters() if p.requires_grad]
 
 
-def _rng_states() -> dict:
+def rng_states() -> dict:
     states = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
@@ -72,7 +72,7 @@ def _rng_states() -> dict:
     return states
 
 
-def _restore_rng_states(states: dict) -> None:
+def restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
@@ -98,8 +98,8 @@ class StateGuard:
 
     def __enter__(self) -> "StateGuard":
         model = self.model
-        _fsdp.reshard(model)
-        self._forward_order = _fsdp.ForwardOrder(model)
+        fsdp.reshard(model)
+        self._forward_order = fsdp.ForwardOrder(model)
         self._trainable = trainable_parameters(model)
         self._all_params = list(model.parameters())
         self._requires_grad = [p.requires_grad for p in self._all_params]
@@ -119,7 +119,7 @@ class StateGuard:
             (p.grad, None if p.grad is None else p.grad.detach().clone()) for p in self._all_params
         ]
         self._modes = [(m, m.training) for m in model.modules()]
-        self._rng = _rng_states()
+        self._rng = rng_states()
         self._grad_enabled = torch.is_grad_enabled()
         if self.mode == "eval":
             model.eval()
@@ -135,9 +135,9 @@ class StateGuard:
 
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
-            _fsdp.recover(self.model)
+            fsdp.recover(self.model)
         else:
-            _fsdp.reshard(self.model)
+            fsdp.reshard(self.model)
         self._forward_order.restore()
         with torch.no_grad():
             self.restore_parameters()
@@ -165,7 +165,7 @@ class StateGuard:
                 p.grad = ref
         for module, flag in self._modes:
             module.training = flag
-        _restore_rng_states(self._rng)
+        restore_rng_states(self._rng)
         torch.set_grad_enabled(self._grad_enabled)
 
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ._fsdp import distribute_tensor, is_dtensor
+from .fsdp import distribute_tensor, is_dtensor
 
 Vector = list[torch.Tensor]
 

@@ -230,7 +230,7 @@ def _base(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def _reshard(model: torch.nn.Module) -> None:
-    from ..curvature._fsdp import reshard
+    from ..tensors.fsdp import reshard
 
     reshard(model)
 

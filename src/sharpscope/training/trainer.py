@@ -249,7 +249,7 @@ class Trainer:
         """After forwards without grad (FSDP leaves the root unsharded): register the
         shards again, so the next forward all-gathers their current values."""
         if self.fsdp:
-            from ..curvature._fsdp import reshard
+            from ..tensors.fsdp import reshard
 
             reshard(self.model)
 
@@ -461,7 +461,7 @@ class Trainer:
         if skipped:  # no update; evaluation, checkpoints and progress go on as scheduled
             self.optimizer.zero_grad(set_to_none=True)
             if self.fsdp:  # a forward without its backward: FSDP's per-step state reset
-                from ..curvature._fsdp import recover
+                from ..tensors.fsdp import recover
 
                 recover(self.model)
         else:
