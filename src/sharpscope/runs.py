@@ -35,18 +35,18 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Replace non-finite floats by None so the file stays strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (np.floating,)):
-        return _clean(float(value))
+        return json_safe(float(value))
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -72,22 +72,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_png(fig: Any, path: str | Path, dpi: int = 90) -> Path:
-    """Save a matplotlib figure as PNG through :func:`atomic_write_bytes`, then close it
-    (every figure sharpscope writes goes through here)."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
-
-
 def metrics_line(row: dict[str, Any]) -> str:
-    return json.dumps(_clean(row), separators=(",", ":"), allow_nan=False)
+    return json.dumps(json_safe(row), separators=(",", ":"), allow_nan=False)
 
 
 def write_run(path: str | Path, config: dict[str, Any], rows: Iterable[dict[str, Any]]) -> Path:
@@ -143,7 +129,7 @@ class RunWriter:
 
 
 def _write_config(run_dir: Path, config: dict[str, Any]) -> None:
-    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(_clean(config), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(json_safe(config), indent=2, allow_nan=False) + "\n")
 
 
 def _check_config(config: dict[str, Any], where: Path) -> None:

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..runs import _clean, atomic_write_text
+from ..runs import atomic_write_text, json_safe
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -64,5 +64,5 @@ def write_tables(tables: dict[str, list[dict[str, Any]]], out: Path) -> list[Pat
 
 def write_summary(summary: dict[str, Any], out: Path) -> Path:
     path = Path(out) / "summary.json"
-    atomic_write_text(path, json.dumps(_clean(summary), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     return path

@@ -62,7 +62,7 @@ from ..curvature import CriticalSharpnessResult, DirectionCapture, NonFiniteLoss
 from ..tensors.objective import Objective
 from ..tensors.state import OptimizerStateGuard, StateGuard, trainable_parameters
 from ..errors import UserError
-from ..runs import _clean, atomic_write_text
+from ..runs import atomic_write_text, json_safe
 from ..training import data as data_lib
 from ..training.checkpoint import list_checkpoints, load_checkpoint, read_state
 from ..training.config import TrainConfig
@@ -461,7 +461,7 @@ def write_results(result: dict[str, Any], out: Path, draw: DrawFigures | None = 
         paths["validation_csv"] = out / VALIDATION_CSV
     atomic_write_text(out / SWEEP_CSV, _csv_text(result["sweep"], SWEEP_COLUMNS))
     paths["sweep_csv"] = out / SWEEP_CSV
-    atomic_write_text(out / RESULT_FILE, json.dumps(_clean(result), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / RESULT_FILE, json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
     paths["json"] = out / RESULT_FILE
     return paths
 

@@ -38,7 +38,7 @@ from typing import Any, Callable
 from ..analysis.nexus import MEAN, grad_cosine_series, window_means
 from ..config import to_dict
 from ..errors import UserError
-from ..runs import CONFIG_FILE, _clean, atomic_write_text, read_run
+from ..runs import CONFIG_FILE, atomic_write_text, json_safe, read_run
 from ..training.checkpoint import list_checkpoints
 from ..training.config import TrainConfig
 from ..training.model import PRESETS
@@ -233,7 +233,7 @@ def run_nexus_study(cfg: NexusStudyConfig, study_out: Path, train_defaults: Trai
 
     settings = {"nexus": to_dict(cfg), "train": {name: to_dict(c) for name, c in plans.items()}}
     stored = _stored_record(nexus_dir)
-    if (not result.ran and not result.resumed and stored is not None and stored.get("settings") == _clean(settings)):
+    if (not result.ran and not result.resumed and stored is not None and stored.get("settings") == json_safe(settings)):
         result.record, result.reused = stored, True
         if draw is not None:
             draw(stored, nexus_dir, only_missing=True)
@@ -261,7 +261,7 @@ def run_nexus_study(cfg: NexusStudyConfig, study_out: Path, train_defaults: Trai
         "mean_barrier_linear": r["minima"]["mean_barrier_linear"],
         "grad_cosine_early": r["grad_cosine_early"], "grad_cosine_late": r["grad_cosine_late"],
         "grad_cosine_at_checkpoint": r["grad_cosine_at_checkpoint"]} for name, r in record["runs"].items()}
-    record = _clean(record)
+    record = json_safe(record)
     record["figures"] = {name: path.relative_to(nexus_dir).as_posix()
                          for name, path in (draw(record, nexus_dir) if draw is not None else {}).items()}
     atomic_write_text(nexus_dir / NEXUS_FILE, json.dumps(record, indent=2, allow_nan=False) + "\n")

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 
 from ..analysis.runset import ordered, phase_verdict, run_keys, run_labels  # noqa: E402
 from ..analysis.summaries import GRAD_NORM, LOSS, MEASURES, StudyAnalysis, by_model, lr_series  # noqa: E402
-from ..runs import atomic_write_png  # noqa: E402
+from .png import atomic_write_png  # noqa: E402
 
 DPI = 90
 

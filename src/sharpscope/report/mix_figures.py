@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..analysis.mix import curve_value
-from ..runs import atomic_write_png
+from .png import atomic_write_png
 
 __all__ = ["draw_sweep_figure", "draw_validation_figure", "write_mix_figures", "SWEEP_FIGURE", "VALIDATION_FIGURE"]
 

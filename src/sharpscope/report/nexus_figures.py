@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.nexus import MEAN
-from ..runs import atomic_write_png
+from .png import atomic_write_png
 
 __all__ = ["write_nexus_figures", "FIGURES"]
 

@@ -12,9 +12,9 @@ from typing import Any
 from ..analysis.claims import FAILS, HOLDS, UNCLEAR
 from ..analysis.compare import compare_summaries, comparison_markdown, load_summary, verdict_counts
 from ..analysis.study import AnalysisOptions, analyze_runs
-from ..analysis.tables import _clean, to_csv
+from ..analysis.tables import to_csv
 from ..errors import UserError
-from ..runs import atomic_write_text, find_runs, read_study
+from ..runs import atomic_write_text, find_runs, json_safe, read_study
 from .build import ReportResult, write_analysis_report
 from .html import table_html
 
@@ -27,7 +27,7 @@ def simulated_summary(seed: int = 42) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="sharpscope-sim-") as tmp:
         write_study(SimulationConfig(seed=seed), tmp)
-        return _clean(analyze_runs(read_study(tmp)).summary)
+        return json_safe(analyze_runs(read_study(tmp)).summary)
 
 
 def summary_of(path: str | Path, options: AnalysisOptions | None = None) -> dict[str, Any]:
@@ -36,12 +36,12 @@ def summary_of(path: str | Path, options: AnalysisOptions | None = None) -> dict
     if (path / "summary.json").is_file() or path.is_file():
         return load_summary(path)
     if path.is_dir() and find_runs(path):
-        return _clean(analyze_runs(read_study(path), options).summary)
+        return json_safe(analyze_runs(read_study(path), options).summary)
     raise UserError(f"'{path}' is neither a report (with summary.json) nor a directory of runs")
 
 
 def write_comparison(rows: list[dict[str, Any]], out: Path) -> None:
-    atomic_write_text(out / "comparison.json", json.dumps(_clean(rows), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "comparison.json", json.dumps(json_safe(rows), indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "comparison.md", "# The simulated study's claims against measured runs\n\n"
                       + comparison_markdown(rows))
     atomic_write_text(out / "comparison.csv", to_csv(rows))
@@ -110,7 +110,7 @@ def write_study_report(study_dir: str | Path, out: str | Path, *, title: str = "
         raise UserError(f"no finished runs under '{runs_dir}' yet; let sharpscope study finish some runs first")
     analysis = analyze_runs(runs, options)
     sim = summary_of(simulated) if simulated else simulated_summary()
-    rows = compare_summaries(sim, _clean(analysis.summary))
+    rows = compare_summaries(sim, json_safe(analysis.summary))
     sections = [("comparison", "The simulated study's claims on measured runs", comparison_html(rows))]
     extra_figures: dict[str, Path] = {}
     for anchor, heading, render in _optional_sections():
