@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
+from .metrics import CRITICAL, LAMBDA_MAX, LR_OVER_ETA_C, PRECONDITIONED, TRACE_PER_PARAM
 
 
 def _float_list(text: str) -> list[float]:
@@ -78,11 +79,11 @@ def _analyze(study: Path, out: Path, *, figures: bool = True, metric: str | None
              pac_m: float = 1e5, pac_delta: float = 0.05, extrapolate: list[float] | None = None,
              title: str | None = None, final: str = "mean", groups: list[str] | None = None) -> int:
     from .analysis.runset import describe_run
-    from .analysis.study import SHARPNESS, AnalysisOptions
+    from .analysis.study import AnalysisOptions
     from .report.build import write_report
 
     # extrapolate None: a study extrapolates to the simulated study's sizes, a run report not at all
-    opts = AnalysisOptions(metric=metric or SHARPNESS, pac_m=pac_m, pac_delta=pac_delta,
+    opts = AnalysisOptions(metric=metric or CRITICAL, pac_m=pac_m, pac_delta=pac_delta,
                            extrapolate=tuple(extrapolate) if extrapolate else None, final_statistic=final)
     t0 = time.perf_counter()
     result = write_report(study, out, figures=figures, options=opts, title=title, groups=groups)
@@ -224,9 +225,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _measure_table_row(r: dict) -> str:
-    return (f"{r['step']:>8d} {_cell(r['loss']):>9s} {_cell(r['lr']):>10s} {_cell(r['sharpness/critical']):>10s} "
-            f"{_cell(r['sharpness/lr_over_eta_c']):>9s} {_cell(r.get('sharpness/lambda_max')):>10s} "
-            f"{_cell(r.get('sharpness/trace_per_param')):>10s} {_cell(r.get('sharpness/preconditioned')):>10s}  "
+    return (f"{r['step']:>8d} {_cell(r['loss']):>9s} {_cell(r['lr']):>10s} {_cell(r[CRITICAL]):>10s} "
+            f"{_cell(r[LR_OVER_ETA_C]):>9s} {_cell(r.get(LAMBDA_MAX)):>10s} "
+            f"{_cell(r.get(TRACE_PER_PARAM)):>10s} {_cell(r.get(PRECONDITIONED)):>10s}  "
             f"{r['direction']}" + ("" if r["critical_status"] == "ok" else f" ({r['critical_status']})"))
 
 

@@ -47,13 +47,13 @@ from ..sizes import size_label
 from .phases import MIN_POINTS, final_value
 from .study import analyze_summaries
 from .summaries import MEASURES, AnalysisOptions, RunSummary, StudyAnalysis, by_model, summarize_run
+from ..metrics import EVALS, FAILED_PREFIX, PRECONDITIONED, SHARPNESS_PREFIX
 
 VARIANT_GROUPS = ("schedules", "ablations", "extrapolation")
 """Groups that vary a ladder (schedules, ablations, sizes to extrapolate to) rather than form one."""
 MIN_SIZES = 3
 """A line through two points has no residual: the fits, their intervals and the claims' tests
 need at least three sizes."""
-PRECONDITIONED = "sharpness/preconditioned"
 
 
 @dataclass
@@ -185,7 +185,7 @@ OPTIONAL_COLUMNS = ("final_loss", "final_eval_loss", "final_lambda_max", "final_
 def run_row(r: RunSummary, opts: AnalysisOptions) -> dict[str, Any]:
     """One run: its measurements, the sharpness summary and its reading against 2/lr."""
     run = r.run
-    _, evals = run.series("sharpness/evals")
+    _, evals = run.series(EVALS)
     evals = evals[np.isfinite(evals)]
     _, precond = run.series(PRECONDITIONED)
     n_params = run.n_params
@@ -304,8 +304,8 @@ def analyze_any(runs: list[Run], opts: AnalysisOptions | None = None,
     if groups in ([], ["scales"]) and is_complete_study(summaries):
         return analyze_summaries(summaries, opts)
     if not any(r.t.size for r in summaries):
-        logged = sorted({k for r in runs for k in r.keys() if k.startswith("sharpness/")
-                         and not k.startswith("sharpness/failed/")})
+        logged = sorted({k for r in runs for k in r.keys() if k.startswith(SHARPNESS_PREFIX)
+                         and not k.startswith(FAILED_PREFIX)})
         raise UserError(f"no run logs '{opts.metric}'; pick the sharpness metric with --metric"
                         + (f" (these runs log {', '.join(logged)})" if logged else ""))
     views = distinct_models([r.run for r in summaries])

@@ -25,9 +25,9 @@ from .bounds import pac_bayes_bound, source_variant
 from .claims import evaluate_claims
 from .fits import ScalingLaw, line_fit, pearson
 from .phases import final_value
-from .summaries import SHARPNESS  # noqa: F401 - the default metric; callers import it from here
 from .summaries import (MEASURES, AnalysisOptions, RunSummary, StudyAnalysis, by_model, finite_mean, model_means,
                         summarize_run)
+from ..metrics import EVALS, EVAL_LOSS, LAMBDA_MAX, LR_OVER_ETA_C
 
 DEFAULT_EXTRAPOLATION = (13e9, 30e9, 70e9)
 
@@ -229,11 +229,11 @@ def table_training(a: StudyAnalysis) -> Rows | None:
 def _training_row(r: RunSummary) -> dict[str, Any]:
     """One trained run: its loss, its sharpness and how often the step outran η_c."""
     run = r.run
-    _, ratio = run.series("sharpness/lr_over_eta_c")
+    _, ratio = run.series(LR_OVER_ETA_C)
     ratio = ratio[np.isfinite(ratio)]
-    _, lam_max = run.series("sharpness/lambda_max")
-    _, eval_loss = run.series("eval/loss")
-    _, evals = run.series("sharpness/evals")
+    _, lam_max = run.series(LAMBDA_MAX)
+    _, eval_loss = run.series(EVAL_LOSS)
+    _, evals = run.series(EVALS)
     return {
         "name": run.name, "model": run.model, "n_params": int(run.n_params),
         "steps": max((row["step"] for row in run.metrics), default=0),

@@ -19,21 +19,17 @@ from ..errors import UserError
 from ..runs import Run
 from .fits import ScalingLaw, pearson
 from .phases import PhaseResult, detect_three_phase, early_mean, final_value, peak_value, phase_means
+from ..metrics import (ACC_PREFIX, CRITICAL, EVAL_LOSS, EVAL_PREFIX, FAILED_PREFIX, LAMBDA_MAX,
+                       TRACE_PER_PARAM, TRAIN_GRAD_NORM, TRAIN_LOSS, TWO_OVER_LR)
 
-SHARPNESS = "sharpness/critical"
-LOSS = "train/loss"
-GRAD_NORM = "train/grad_norm"
-MEASURES = {"critical": "sharpness/critical", "lambda_max": "sharpness/lambda_max",
-            "trace_per_param": "sharpness/trace_per_param"}
-ACC_PREFIX = "eval/acc/"
-VAL_LOSS = "eval/loss"
+MEASURES = {"critical": CRITICAL, "lambda_max": LAMBDA_MAX, "trace_per_param": TRACE_PER_PARAM}
 STABILITY_FROM = 0.1
 """Where a run is read against the 2/lr line: after warmup and the first rise (t ≥ 0.1)."""
 
 
 @dataclass
 class AnalysisOptions:
-    metric: str = SHARPNESS
+    metric: str = CRITICAL
     """The sharpness series the study is about."""
     pac_m: float = 1e5
     """Sample count m of the PAC-Bayes bound."""
@@ -96,7 +92,7 @@ def _accuracy_tasks(run: Run) -> dict[str, float]:
     for key in sorted(run.keys()):
         if key.startswith(ACC_PREFIX):
             out[key[len(ACC_PREFIX):]] = run.last(key)
-        elif key.startswith("eval/") and key.endswith("/accuracy") and key.count("/") == 2:
+        elif key.startswith(EVAL_PREFIX) and key.endswith("/accuracy") and key.count("/") == 2:
             out[key.split("/")[1]] = run.last(key)
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
@@ -117,7 +113,7 @@ def lr_series(run: Run) -> tuple[np.ndarray, np.ndarray]:
     t_lr, lr = run.series("lr")
     if t_lr.size:
         return t_lr, lr
-    t_two, two_over_lr = run.series("sharpness/two_over_lr")
+    t_two, two_over_lr = run.series(TWO_OVER_LR)
     with np.errstate(divide="ignore", invalid="ignore"):
         return t_two, np.where(two_over_lr > 0, 2.0 / two_over_lr, np.nan)
 
@@ -132,10 +128,10 @@ def summarize_run(run: Run, opts: AnalysisOptions, *, require_metric: bool = Tru
     t, s = t[order], s[order]
     if t.size == 0 and require_metric:
         raise UserError(f"run '{run.path}' logs no '{opts.metric}'; pick the sharpness metric with --metric")
-    t_loss, loss = run.series(LOSS)
-    t_grad, grad = run.series(GRAD_NORM)
+    t_loss, loss = run.series(TRAIN_LOSS)
+    t_grad, grad = run.series(TRAIN_GRAD_NORM)
     val_losses = {k.split("/")[1]: run.last(k) for k in sorted(run.keys())
-                  if k.startswith("eval/") and k.endswith("/loss") and k.count("/") == 2}
+                  if k.startswith(EVAL_PREFIX) and k.endswith("/loss") and k.count("/") == 2}
     edge_ratio, frac_above = _edge_of_stability(t, s, *lr_series(run))
     measure_finals, measure_r = {}, {}
     for name, key in MEASURES.items():
@@ -150,11 +146,11 @@ def summarize_run(run: Run, opts: AnalysisOptions, *, require_metric: bool = Tru
         r_loss=_correlation(t, s, t_loss, loss), r_grad=_correlation(t, s, t_grad, grad),
         measure_finals=measure_finals, measure_r=measure_r,
         early={h: early_mean(t, s, h) for h in opts.early_horizons},
-        final_val_loss=run.last(VAL_LOSS), val_losses={k: v for k, v in val_losses.items() if math.isfinite(v)},
+        final_val_loss=run.last(EVAL_LOSS), val_losses={k: v for k, v in val_losses.items() if math.isfinite(v)},
         edge_ratio=edge_ratio, frac_above_edge=frac_above,
         failed_share=float(np.mean(~np.isfinite(s))) if s.size else float("nan"),
         failed_reasons={k.rsplit("/", 1)[1]: int(np.nansum(run.series(k)[1])) for k in sorted(run.keys())
-                        if k.startswith("sharpness/failed/")})
+                        if k.startswith(FAILED_PREFIX)})
 
 
 def by_model(runs: list[RunSummary]) -> list[list[RunSummary]]:

@@ -40,6 +40,7 @@ import torch
 from ..tensors import vectors as vec
 from ..tensors.objective import LossFn, Objective
 from ..tensors.state import StateGuard, trainable_parameters, unwrap_model
+from ..metrics import SHARPNESS_PREFIX
 
 __all__ = [
     "CriticalSharpnessResult",
@@ -106,7 +107,7 @@ class CriticalSharpnessResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
-    def as_metrics(self, prefix: str = "sharpness/") -> dict[str, float]:
+    def as_metrics(self, prefix: str = SHARPNESS_PREFIX) -> dict[str, float]:
         """Run-format metrics: critical sharpness, critical lr and the evaluation count; a
         measurement without a bracket (critical sharpness null) also logs
         ``failed/<status>`` = 1, so a study can count why measurements failed."""

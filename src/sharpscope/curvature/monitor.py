@@ -45,6 +45,9 @@ from .critical import CriticalSharpnessResult, search_critical_lr
 from .eigen import hessian_eigenvalues
 from .preconditioned import preconditioned_sharpness
 from .trace import hessian_trace
+from ..metrics import (
+    DEFERRED_FROM, LAMBDA_MAX, LR_OVER_ETA_C, PRECONDITIONED, PRECONDITIONED_RATIO, PRECONDITIONED_THRESHOLD, TRACE, TRACE_PER_PARAM, TRACE_STDERR,
+)
 
 __all__ = ["EXACT_MEASURES", "SharpnessMonitor", "check_monitor_options"]
 
@@ -244,7 +247,7 @@ class SharpnessMonitor:
             elif capture.direction is not None:
                 metrics.update(self.measure(capture))
                 if self._capture_deferred_from is not None:
-                    metrics["sharpness/deferred_from"] = float(self._capture_deferred_from)
+                    metrics[DEFERRED_FROM] = float(self._capture_deferred_from)
         if exact:
             metrics.update(exact)
         self.latest = metrics or None
@@ -258,12 +261,12 @@ class SharpnessMonitor:
         if "lambda_max" in self.exact:
             eig = hessian_eigenvalues(model, loss_fn, batches, k=1, max_iter=self.lanczos_iters,
                                       tol=self.exact_tol, **self._options)
-            out["sharpness/lambda_max"] = eig.values[0]
+            out[LAMBDA_MAX] = eig.values[0]
         if "trace" in self.exact:
             trace = hessian_trace(model, loss_fn, batches, samples=self.trace_samples, **self._options)
-            out["sharpness/trace"] = trace.estimate
-            out["sharpness/trace_stderr"] = trace.stderr
-            out["sharpness/trace_per_param"] = trace.per_param
+            out[TRACE] = trace.estimate
+            out[TRACE_STDERR] = trace.stderr
+            out[TRACE_PER_PARAM] = trace.per_param
         if "preconditioned" in self.exact:
             # The SAM family and Nexus keep Adam's moments in their base optimizer.
             adam = getattr(self.optimizer, "base", self.optimizer)
@@ -272,9 +275,9 @@ class SharpnessMonitor:
             if "betas" in group and adam.state and lr > 0:
                 pre = preconditioned_sharpness(model, loss_fn, batches, adam, max_iter=self.lanczos_iters,
                                                tol=self.exact_tol, **self._options)
-                out["sharpness/preconditioned"] = pre.value
-                out["sharpness/preconditioned_threshold"] = pre.threshold
-                out["sharpness/preconditioned_ratio"] = pre.ratio
+                out[PRECONDITIONED] = pre.value
+                out[PRECONDITIONED_THRESHOLD] = pre.threshold
+                out[PRECONDITIONED_RATIO] = pre.ratio
         return out
 
     def measure(self, capture: DirectionCapture) -> dict[str, float]:
@@ -297,7 +300,7 @@ class SharpnessMonitor:
         self.last = result
         self.measurements += 1
         metrics = result.as_metrics()
-        metrics["sharpness/lr_over_eta_c"] = capture.lr / result.eta if result.eta > 0 else math.nan
+        metrics[LR_OVER_ETA_C] = capture.lr / result.eta if result.eta > 0 else math.nan
         self.latest = metrics
         return metrics
 

@@ -44,6 +44,7 @@ from ..training.config import TrainConfig
 from ..training.model import PRESETS
 from .minima import minima_distance
 from .plan import is_lead, parse_shape, run_state, stored_train_settings, train_from_state
+from ..metrics import EVAL_LOSS, EVAL_PREFIX, INNER_COSINE
 
 __all__ = ["NexusStudyConfig", "NexusStudyResult", "plan_nexus_runs", "run_nexus_study", "MATCHED_LOSS_RULE",
            "NEXUS_DIR", "NEXUS_FILE", "COMPARED_OPTIMIZERS", "DrawFigures"]
@@ -169,8 +170,8 @@ def _check_same_settings(path: Path, config: TrainConfig) -> None:
 def _pick_checkpoint(run_path: Path, rows: list[dict[str, Any]], target: float) -> tuple[Path, dict[str, Any]]:
     """The earliest evaluated checkpoint whose eval/loss ≤ target, and its eval row."""
     kept = {int(p.name.removeprefix("step")): p for p in list_checkpoints(run_path)}
-    for row in sorted((r for r in rows if r.get("eval/loss") is not None), key=lambda r: r["step"]):
-        if row["step"] in kept and row["eval/loss"] <= target:
+    for row in sorted((r for r in rows if r.get(EVAL_LOSS) is not None), key=lambda r: r["step"]):
+        if row["step"] in kept and row[EVAL_LOSS] <= target:
             return kept[row["step"]], row
     raise UserError(f"'{run_path}' has no checkpoint at an evaluation with eval/loss <= {target:.6g}; "
                     "its checkpoints are incomplete: delete the run to train it again")
@@ -183,22 +184,22 @@ def _run_record(name: str, run_path: Path, nexus_dir: Path, config: TrainConfig,
     cosine = grad_cosine_series(rows, config.steps)
     early, late = window_means(cosine, MEAN)
     at = row.get("grad_cosine/mean")
-    eval_rows = [r for r in rows if "eval/loss" in r]
+    eval_rows = [r for r in rows if EVAL_LOSS in r]
     record = {
         "optimizer": name, "run": run_path.relative_to(nexus_dir).as_posix(), "steps": config.steps,
         "n_params": run.config.get("n_params"),
-        "final_loss": eval_rows[-1]["eval/loss"],
+        "final_loss": eval_rows[-1][EVAL_LOSS],
         "checkpoint": checkpoint.relative_to(nexus_dir).as_posix(), "checkpoint_step": int(row["step"]),
-        "checkpoint_t": row["step"] / config.steps, "checkpoint_loss": row["eval/loss"],
+        "checkpoint_t": row["step"] / config.steps, "checkpoint_loss": row[EVAL_LOSS],
         "checkpoint_source_losses": {k.split("/")[1]: v for k, v in row.items()
-                                     if k.startswith("eval/") and k.endswith("/loss") and k != "eval/loss"},
-        "eval_loss": {"step": [int(r["step"]) for r in eval_rows], "loss": [r["eval/loss"] for r in eval_rows]},
+                                     if k.startswith(EVAL_PREFIX) and k.endswith("/loss") and k != EVAL_LOSS},
+        "eval_loss": {"step": [int(r["step"]) for r in eval_rows], "loss": [r[EVAL_LOSS] for r in eval_rows]},
         "grad_cosine": cosine, "grad_cosine_early": early, "grad_cosine_late": late,
         "grad_cosine_at_checkpoint": at if at is not None else math.nan,
     }
     if name == "nexus":
-        inner = [r for r in rows if r.get("optim/inner_cosine") is not None]
-        series = {"t": [r["step"] / config.steps for r in inner], "v": [r["optim/inner_cosine"] for r in inner]}
+        inner = [r for r in rows if r.get(INNER_COSINE) is not None]
+        series = {"t": [r["step"] / config.steps for r in inner], "v": [r[INNER_COSINE] for r in inner]}
         record["inner_cosine_early"], record["inner_cosine_late"] = window_means(series, "v")
     return record
 
@@ -278,7 +279,7 @@ def _stored_record(nexus_dir: Path) -> dict[str, Any] | None:
 
 
 def _final_loss(run_path: Path) -> float:
-    losses = [r["eval/loss"] for r in read_run(run_path).metrics if r.get("eval/loss") is not None]
+    losses = [r[EVAL_LOSS] for r in read_run(run_path).metrics if r.get(EVAL_LOSS) is not None]
     if not losses:
         raise UserError(f"'{run_path}' logged no finite eval/loss; delete it to train it again")
     return float(losses[-1])

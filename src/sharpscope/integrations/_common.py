@@ -17,6 +17,7 @@ import torch
 from ..curvature import SharpnessMonitor
 from ..curvature.monitor import check_monitor_options
 from ..runs import RunWriter
+from ..metrics import TWO_OVER_LR
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -111,7 +112,7 @@ class MonitorRecorder:
         """Keep a measurement made at ``step`` (run-format keys); returns it with its lr."""
         metrics = dict(metrics)
         self.history.append((step, metrics))
-        extra = {"lr": lr, "sharpness/two_over_lr": 2.0 / lr} if lr and lr > 0 else {}
+        extra = {"lr": lr, TWO_OVER_LR: 2.0 / lr} if lr and lr > 0 else {}
         self.add(step, {**extra, **metrics})
         return metrics
 

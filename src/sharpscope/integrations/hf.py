@@ -34,6 +34,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ._common import MonitorRecorder, finite
+from ..metrics import EVAL_LOSS, TRAIN_GRAD_NORM, TRAIN_LOSS
 
 # The key of the monitor's state in TrainerState.stateful_callbacks. Not the class name:
 # with restore_callback_states_from_checkpoint the Trainer would rebuild callbacks whose
@@ -41,8 +42,8 @@ from ._common import MonitorRecorder, finite
 STATE_KEY = "sharpscope.SharpnessMonitor"
 
 # The Trainer's log keys and their run-format names.
-_LOG_KEYS = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "lr",
-             "eval_loss": "eval/loss", "num_input_tokens_seen": "tokens"}
+_LOG_KEYS = {"loss": TRAIN_LOSS, "grad_norm": TRAIN_GRAD_NORM, "learning_rate": "lr",
+             "eval_loss": EVAL_LOSS, "num_input_tokens_seen": "tokens"}
 
 
 def causal_lm_loss(model, batch) -> Any:

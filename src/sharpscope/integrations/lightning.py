@@ -33,8 +33,8 @@ import lightning.pytorch as pl
 import torch
 
 from ._common import MonitorRecorder, finite, gradient_norm
+from ..metrics import TRAIN_GRAD_NORM, TRAIN_LOSS
 
-PREFIX = "sharpness/"
 
 
 class SharpnessCallback(pl.Callback):
@@ -99,7 +99,7 @@ class SharpnessCallback(pl.Callback):
             # Lightning clips after this hook: this is the norm before clipping, as HF logs it.
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             if grads:
-                self._step_values["train/grad_norm"] = gradient_norm(grads)
+                self._step_values[TRAIN_GRAD_NORM] = gradient_norm(grads)
             self._step_values["lr"] = self._lr
         self._armed = True
 
@@ -114,7 +114,7 @@ class SharpnessCallback(pl.Callback):
         self._armed = False
         step = trainer.global_step - 1  # global_step already counts the step just taken
         values, self._step_values = self._step_values, {}
-        values["train/loss"], self._loss_sum = self._loss_sum, 0.0
+        values[TRAIN_LOSS], self._loss_sum = self._loss_sum, 0.0
         metrics = self.recorder.monitor.end_step()
         total = trainer.max_steps if trainer.max_steps > 0 else None
         if metrics:

@@ -16,8 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..analysis.runset import ordered, phase_verdict, run_keys, run_labels  # noqa: E402
-from ..analysis.summaries import GRAD_NORM, LOSS, MEASURES, StudyAnalysis, by_model, lr_series  # noqa: E402
+from ..analysis.summaries import MEASURES, StudyAnalysis, by_model, lr_series  # noqa: E402
 from .png import atomic_write_png  # noqa: E402
+from ..metrics import (CRITICAL, EVAL_LOSS, LAMBDA_MAX, PRECONDITIONED, TRACE_PER_PARAM, TRAIN_GRAD_NORM,
+                       TRAIN_LOSS, TWO_OVER_LR)
 
 DPI = 90
 
@@ -59,7 +61,7 @@ def loss(a: StudyAnalysis):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     shown = False
     for color, g in zip(_colors(len(models)), models):
-        t, v = g[0].run.series(LOSS)
+        t, v = g[0].run.series(TRAIN_LOSS)
         if v.size:
             ax.plot(t, v, color=color, lw=1.1, label=g[0].run.model)
             shown = True
@@ -67,7 +69,7 @@ def loss(a: StudyAnalysis):
         plt.close(fig)
         return None
     ax.set_xlabel("training progress t")
-    ax.set_ylabel(LOSS)
+    ax.set_ylabel(TRAIN_LOSS)
     ax.set_title("Training loss by scale")
     _legend(ax, ncol=2)
     return fig
@@ -112,7 +114,7 @@ def sharpness_gradient(a: StudyAnalysis):
     for color, g in zip(_colors(len(models)), models):
         r = g[0]
         _, s = r.run.series(a.options.metric)
-        _, gn = r.run.series(GRAD_NORM)
+        _, gn = r.run.series(TRAIN_GRAD_NORM)
         if gn.size == s.size and gn.size:
             ax1.scatter(gn, s, s=5, color=color, label=r.run.model)
             shown = True
@@ -122,7 +124,7 @@ def sharpness_gradient(a: StudyAnalysis):
     rows = a.tables["correlations"]
     ax2.plot([r["n_params"] for r in rows], [r["r_sharpness_grad_norm"] for r in rows], "o-", label="r(sharpness, grad norm)")
     ax2.plot([r["n_params"] for r in rows], [r["r_sharpness_loss"] for r in rows], "s--", label="r(sharpness, loss)")
-    ax1.set_xlabel(GRAD_NORM)
+    ax1.set_xlabel(TRAIN_GRAD_NORM)
     ax1.set_ylabel(a.options.metric)
     ax1.set_title("Sharpness against gradient norm")
     _size_axis(ax2, "within-run Pearson r")
@@ -243,21 +245,21 @@ def training(a: StudyAnalysis):
     for (ax_s, ax_l), r in zip(axes, runs):
         run = r.run
         ax_s.plot(r.t, r.sharpness, ".-", lw=1, ms=3, label="critical sharpness λ_c")
-        t_lr, two_over_lr = run.series("sharpness/two_over_lr")
+        t_lr, two_over_lr = run.series(TWO_OVER_LR)
         if t_lr.size:
             ax_s.plot(t_lr, two_over_lr, "k--", lw=1, label="2/lr (stability edge of the step)")
-        t_max, lam_max = run.series("sharpness/lambda_max")
+        t_max, lam_max = run.series(LAMBDA_MAX)
         if t_max.size:
             ax_s.plot(t_max, lam_max, "s", ms=4, label="λ_max (Lanczos)")
         ax_s.set_yscale("log")
         ax_s.set_xlabel("training progress t")
         ax_s.set_title(f"{run.name} ({run.model})")
         _legend(ax_s)
-        t_loss, loss_values = run.series("train/loss")
-        ax_l.plot(t_loss, loss_values, lw=1, label="train/loss")
-        t_eval, eval_loss = run.series("eval/loss")
+        t_loss, loss_values = run.series(TRAIN_LOSS)
+        ax_l.plot(t_loss, loss_values, lw=1, label=TRAIN_LOSS)
+        t_eval, eval_loss = run.series(EVAL_LOSS)
         if t_eval.size:
-            ax_l.plot(t_eval, eval_loss, "o-", ms=4, label="eval/loss")
+            ax_l.plot(t_eval, eval_loss, "o-", ms=4, label=EVAL_LOSS)
         ax_l.set_xlabel("training progress t")
         ax_l.set_ylabel("loss (nats/token)")
         _legend(ax_l)
@@ -341,18 +343,18 @@ def write_figures(a: StudyAnalysis, out: Path) -> dict[str, Path]:
 # --- run reports ------------------------------------------------------------------------
 
 MEASURE_LABELS = {
-    "sharpness/critical": "critical sharpness λ_c", "sharpness/lambda_max": "λ_max (top Hessian eigenvalue)",
-    "sharpness/trace_per_param": "tr(H) / P", "sharpness/preconditioned": "preconditioned λ_max (Adam)",
+    CRITICAL: "critical sharpness λ_c", LAMBDA_MAX: "λ_max (top Hessian eigenvalue)",
+    TRACE_PER_PARAM: "tr(H) / P", PRECONDITIONED: "preconditioned λ_max (Adam)",
 }
-AXIS_LABELS = {"sharpness/critical": "λ_c", "sharpness/lambda_max": "λ_max",
-               "sharpness/trace_per_param": "tr(H) / P", "sharpness/preconditioned": "preconditioned λ_max"}
+AXIS_LABELS = {CRITICAL: "λ_c", LAMBDA_MAX: "λ_max",
+               TRACE_PER_PARAM: "tr(H) / P", PRECONDITIONED: "preconditioned λ_max"}
 # Stability lines drawn beside a measure: the step's 2/lr for λ_c and λ_max (gradient
 # descent's edge), and Adam's (2 + 2β1)/((1 − β1)·lr) = 38/lr at β1 = 0.9 for the
 # preconditioned Hessian. The trace has no such line.
 STABILITY_LINES = {
-    "sharpness/critical": (2.0, "2/lr (edge of stability)"),
-    "sharpness/lambda_max": (2.0, "2/lr"),
-    "sharpness/preconditioned": (38.0, "38/lr (Adam, β1 = 0.9)"),
+    CRITICAL: (2.0, "2/lr (edge of stability)"),
+    LAMBDA_MAX: (2.0, "2/lr"),
+    PRECONDITIONED: (38.0, "38/lr (Adam, β1 = 0.9)"),
 }
 
 
@@ -396,8 +398,8 @@ def run_figure(r, label: str, metric: str):
     keys = [metric] + [k for k in MEASURE_LABELS if k != metric and np.isfinite(run.series(k)[1]).any()]
     if r.t.size == 0:
         keys = keys[1:]
-    t_loss, train_loss = run.series(LOSS)
-    t_eval, eval_loss = run.series("eval/loss")
+    t_loss, train_loss = run.series(TRAIN_LOSS)
+    t_eval, eval_loss = run.series(EVAL_LOSS)
     has_loss = bool(np.isfinite(train_loss).any() or np.isfinite(eval_loss).any())
     n = len(keys) + has_loss
     if n == 0:
@@ -422,9 +424,9 @@ def run_figure(r, label: str, metric: str):
     if has_loss:
         ax = axes[-1]
         if np.isfinite(train_loss).any():
-            ax.plot(*_sorted(t_loss, train_loss), lw=1, label=LOSS)
+            ax.plot(*_sorted(t_loss, train_loss), lw=1, label=TRAIN_LOSS)
         if np.isfinite(eval_loss).any():
-            ax.plot(*_sorted(t_eval, eval_loss), "o-", ms=3, lw=1, label="eval/loss")
+            ax.plot(*_sorted(t_eval, eval_loss), "o-", ms=3, lw=1, label=EVAL_LOSS)
         ax.set_ylabel("loss")
         _legend(ax)
     axes[-1].set_xlabel("training progress t")
@@ -449,7 +451,7 @@ def overlay(a: StudyAnalysis):
             if np.isfinite(r.sharpness).any()]
     if len(runs) < 2:
         return None
-    losses = [(r, label, *r.run.series(LOSS)) for r, label in runs]
+    losses = [(r, label, *r.run.series(TRAIN_LOSS)) for r, label in runs]
     has_loss = any(np.isfinite(v).any() for *_, v in losses)
     fig, axes = plt.subplots(1 + has_loss, 1, figsize=(7.5, 3.4 * (1 + has_loss)), sharex=True, squeeze=False)
     ax = axes[0, 0]
@@ -466,7 +468,7 @@ def overlay(a: StudyAnalysis):
         for color, (r, label, t, v) in zip(_colors(len(runs)), losses):
             if np.isfinite(v).any():
                 ax2.plot(*_sorted(t, v), color=color, lw=1, label=label)
-        ax2.set_ylabel(LOSS)
+        ax2.set_ylabel(TRAIN_LOSS)
         _legend(ax2)
     axes[-1, 0].set_xlabel("training progress t")
     fig.tight_layout()

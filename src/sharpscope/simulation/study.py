@@ -26,6 +26,7 @@ from ..schedules import SCHEDULES
 from ..sizes import parse_size
 from .config import SimulationConfig
 from .trajectories import SimulatedRun, simulate_run
+from ..metrics import ACC_PREFIX, CRITICAL, ETA_C, LAMBDA_MAX, TRACE_PER_PARAM, TRAIN_GRAD_NORM, TRAIN_LOSS
 
 GROUPS = ("scales", "schedules", "ablations", "extrapolation")
 ABLATION_FACTORS = ("decay_multiplier", "peak_offset", "noise_sigma")
@@ -44,12 +45,12 @@ class PlannedRun:
         for i in range(r.t.size):
             rows.append({
                 "step": int(r.step[i]), "t": float(r.t[i]), "tokens": float(r.tokens[i]), "lr": float(r.lr[i]),
-                "train/loss": float(r.loss[i]), "train/grad_norm": float(r.grad_norm[i]),
-                "sharpness/critical": float(r.sharpness[i]), "sharpness/eta_c": float(eta_c[i]),
-                "sharpness/lambda_max": float(r.lambda_max[i]),
-                "sharpness/trace_per_param": float(r.trace_per_param[i]),
+                TRAIN_LOSS: float(r.loss[i]), TRAIN_GRAD_NORM: float(r.grad_norm[i]),
+                CRITICAL: float(r.sharpness[i]), ETA_C: float(eta_c[i]),
+                LAMBDA_MAX: float(r.lambda_max[i]),
+                TRACE_PER_PARAM: float(r.trace_per_param[i]),
             })
-        rows[-1].update({f"eval/acc/{task}": acc for task, acc in r.accuracy.items()})
+        rows[-1].update({ACC_PREFIX + task: acc for task, acc in r.accuracy.items()})
         return rows
 
 

@@ -41,6 +41,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import UserError
+from ..metrics import TRAIN_LOSS
 
 HF_CONFIG = "config.json"
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
@@ -137,7 +138,7 @@ def logged(folder: Path, step: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for entry in state.get("log_history") or []:
         if isinstance(entry, dict) and entry.get("step") == step and _finite(entry.get("loss")):
-            out["train/loss"] = float(entry["loss"])
+            out[TRAIN_LOSS] = float(entry["loss"])
     tokens = state.get("num_input_tokens_seen")
     if _finite(tokens) and tokens > 0:
         out["tokens"] = int(tokens)

@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..metrics import CRITICAL, OPTIM_PREFIX, TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_SKIPPED, TWO_OVER_LR
+
 if TYPE_CHECKING:
     import torch
 
@@ -62,11 +64,11 @@ def _to_float(value) -> float:
 def train_metrics(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
     """Loss, gradient norm and the optimizer's diagnostics on logged steps."""
     if step.skipped:
-        row["train/skipped"] = 1
+        row[TRAIN_SKIPPED] = 1
     elif step.logged:
-        row.update({"lr": step.lr, "train/loss": float(step.loss), "train/grad_norm": _to_float(step.grad_norm)})
+        row.update({"lr": step.lr, TRAIN_LOSS: float(step.loss), TRAIN_GRAD_NORM: _to_float(step.grad_norm)})
         if trainer.multi_pass:
-            row.update({f"optim/{key}": value for key, value in trainer.optimizer_stats().items()})
+            row.update({OPTIM_PREFIX + key: value for key, value in trainer.optimizer_stats().items()})
 
 
 def critical_sharpness(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
@@ -76,7 +78,7 @@ def critical_sharpness(trainer: Trainer, step: StepResult, row: dict[str, Any]) 
     if not step.skipped and monitor is not None and monitor.latest is not None:
         row.update(monitor.latest)
         row["lr"] = step.lr
-        row["sharpness/two_over_lr"] = 2.0 / step.lr
+        row[TWO_OVER_LR] = 2.0 / step.lr
 
 
 def exact_curvature(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
@@ -128,7 +130,7 @@ class ProgressBar:
         self.last_lambda = math.nan
 
     def update(self, step: StepResult, row: dict[str, Any]) -> None:
-        self.last_lambda = row.get("sharpness/critical", self.last_lambda)
+        self.last_lambda = row.get(CRITICAL, self.last_lambda)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{float(step.loss):.3f}", lam_c=f"{self.last_lambda:.3g}", refresh=False)
 

@@ -55,6 +55,9 @@ from . import hf_checkpoint as hf
 from .checkpoint import CHECKPOINTS, STATE_FILE, load_checkpoint, read_state
 from .config import TrainConfig
 from .trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
+from ..metrics import (CRITICAL, ETA_C, EVALS, LAMBDA_MAX, LR_OVER_ETA_C, PRECONDITIONED,
+                       PRECONDITIONED_RATIO, PRECONDITIONED_THRESHOLD, TRACE, TRACE_PER_PARAM, TRACE_STDERR,
+                       TRAIN_LOSS, TWO_OVER_LR, eval_loss_key)
 
 DIRECTIONS = ("auto", "optimizer", "gradient", "adam")
 # Adam of the "adam" fallback: torch's defaults, which most language-model runs keep.
@@ -522,28 +525,28 @@ def _measure_one(target, checkpoint: Checkpoint, options: MeasureOptions) -> dic
     out: dict[str, Any] = {
         "checkpoint": str(checkpoint.path), "step": checkpoint.step, "data": target.source.name, "loss": crit.loss0,
         "lr": lr,
-        "sharpness/critical": crit.sharpness, "sharpness/eta_c": crit.eta, "critical_status": crit.status,
-        "sharpness/evals": crit.evals,
-        "sharpness/lr_over_eta_c": lr / crit.eta if lr is not None and crit.eta > 0 else math.nan,
+        CRITICAL: crit.sharpness, ETA_C: crit.eta, "critical_status": crit.status,
+        EVALS: crit.evals,
+        LR_OVER_ETA_C: lr / crit.eta if lr is not None and crit.eta > 0 else math.nan,
     }
     if options.lanczos_iters > 0 and finite:
         t0 = time.perf_counter()
         eig = hessian_eigenvalues(model, loss_fn, batches, k=1, max_iter=options.lanczos_iters, tol=1e-4)
-        out["sharpness/lambda_max"] = eig.values[0]
+        out[LAMBDA_MAX] = eig.values[0]
         seconds["lambda_max"] = time.perf_counter() - t0
     if options.trace_samples > 0 and finite:
         t0 = time.perf_counter()
         trace = hessian_trace(model, loss_fn, batches, samples=options.trace_samples)
-        out.update({"sharpness/trace": trace.estimate, "sharpness/trace_stderr": trace.stderr,
-                    "sharpness/trace_per_param": trace.per_param})
+        out.update({TRACE: trace.estimate, TRACE_STDERR: trace.stderr,
+                    TRACE_PER_PARAM: trace.per_param})
         seconds["trace"] = time.perf_counter() - t0
-    out["sharpness/two_over_lr"] = 2.0 / lr if usable_lr else math.nan
+    out[TWO_OVER_LR] = 2.0 / lr if usable_lr else math.nan
     if _adam_state(loaded.optimizer) and options.lanczos_iters > 0 and usable_lr and finite:
         t0 = time.perf_counter()
         pre = preconditioned_sharpness(model, loss_fn, batches, loaded.optimizer, max_iter=options.lanczos_iters,
                                        tol=1e-4)
-        out["sharpness/preconditioned"] = pre.value
-        out["sharpness/preconditioned_threshold"] = pre.threshold
+        out[PRECONDITIONED] = pre.value
+        out[PRECONDITIONED_THRESHOLD] = pre.threshold
         seconds["preconditioned"] = time.perf_counter() - t0
     out.update({"direction": direction_name, "direction_note": direction_note, "lr_source": lr_source})
     out["_row"] = _metrics_row(out, crit, target, checkpoint, loaded)
@@ -560,17 +563,17 @@ def _metrics_row(result: dict[str, Any], crit, target, checkpoint: Checkpoint, l
     if "tokens" in loaded.extra:
         row["tokens"] = loaded.extra["tokens"]
     row["lr"] = result["lr"]
-    if "train/loss" in loaded.extra:
-        row["train/loss"] = loaded.extra["train/loss"]
-    row[f"eval/{result['data']}/loss"] = result["loss"]
+    if TRAIN_LOSS in loaded.extra:
+        row[TRAIN_LOSS] = loaded.extra[TRAIN_LOSS]
+    row[eval_loss_key(result["data"])] = result["loss"]
     row.update(crit.as_metrics())
-    for key in ("sharpness/lr_over_eta_c", "sharpness/two_over_lr", "sharpness/lambda_max",
-                "sharpness/trace_per_param", "sharpness/preconditioned"):
+    for key in (LR_OVER_ETA_C, TWO_OVER_LR, LAMBDA_MAX,
+                TRACE_PER_PARAM, PRECONDITIONED):
         if key in result:
             row[key] = _nan_to_none(result[key])
-    if "sharpness/preconditioned" in result:
-        row["sharpness/preconditioned_ratio"] = result["sharpness/preconditioned"] / result[
-            "sharpness/preconditioned_threshold"]
+    if PRECONDITIONED in result:
+        row[PRECONDITIONED_RATIO] = result[PRECONDITIONED] / result[
+            PRECONDITIONED_THRESHOLD]
     return row
 
 
@@ -691,7 +694,7 @@ def _measure_all(todo, target, options, rows, directions, results, out, series, 
         if on_result is not None:
             on_result(result)
         if bar is not None:
-            bar.set_postfix_str(f"step {checkpoint.step} λ_c {result['sharpness/critical']:.4g}", refresh=False)
+            bar.set_postfix_str(f"step {checkpoint.step} λ_c {result[CRITICAL]:.4g}", refresh=False)
             bar.update(1)
 
 

@@ -47,6 +47,8 @@ from .config import ModelConfig, TrainConfig
 from .hooks import STEP_HOOKS, ProgressBar, StepHook, StepResult
 from .model import GPT, PRESETS, GPTConfig, count_parameters
 from .optimizers import build_optimizer, optimizer_spec, plain_optimizer
+from ..metrics import (ARITHMETIC_ACCURACY, EVAL_LOSS, LAMBDA_MAX, PRECONDITIONED, PRECONDITIONED_RATIO,
+                       TRACE_PER_PARAM, eval_loss_key)
 
 
 def lm_logits_and_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,12 +310,12 @@ class Trainer:
             losses = []
             for name, batches in self.val.items():
                 loss = sum(float(lm_loss(self.model, b)) for b in batches) / len(batches)
-                out[f"eval/{name}/loss"] = loss
+                out[eval_loss_key(name)] = loss
                 tokens_per_byte = self.sources[name].val_tokens_per_byte
                 if tokens_per_byte is not None:  # unknown for pre-tokenized .bin data
                     out[f"eval/{name}/bpb"] = data_lib.bits_per_byte(loss, tokens_per_byte)
                 losses.append(loss)
-            out["eval/loss"] = sum(losses) / len(losses)
+            out[EVAL_LOSS] = sum(losses) / len(losses)
             if len(self.val) > 1 and self.config.eval.gradient_agreement:
                 # Cross-source agreement at θ (any optimizer): what Nexus is built to raise.
                 # Under FSDP every rank computes it on the same batches (the mean over
@@ -322,7 +324,7 @@ class Trainer:
                                                distributed="auto" if self.fsdp else False)
                 out.update(agreement.as_metrics())
             if "arithmetic" in self.sources and self.config.eval.arithmetic_problems > 0:
-                out["eval/arithmetic/accuracy"] = self.arithmetic_accuracy()
+                out[ARITHMETIC_ACCURACY] = self.arithmetic_accuracy()
         finally:
             self.model.train(was_training)
             self._reshard()
@@ -348,14 +350,14 @@ class Trainer:
         cfg = self.config.monitor
         out = {}
         eig = hessian_eigenvalues(self.model, lm_loss, [batch], k=1, max_iter=cfg.lanczos_iters, tol=1e-3)
-        out["sharpness/lambda_max"] = eig.values[0]
+        out[LAMBDA_MAX] = eig.values[0]
         trace = hessian_trace(self.model, lm_loss, [batch], samples=cfg.trace_samples)
-        out["sharpness/trace_per_param"] = trace.per_param
+        out[TRACE_PER_PARAM] = trace.per_param
         if isinstance(plain_optimizer(self.optimizer), torch.optim.AdamW) and self.optimizer.state:
             pre = preconditioned_sharpness(self.model, lm_loss, [batch], self.optimizer,
                                            max_iter=cfg.lanczos_iters, tol=1e-3)
-            out["sharpness/preconditioned"] = pre.value
-            out["sharpness/preconditioned_ratio"] = pre.ratio
+            out[PRECONDITIONED] = pre.value
+            out[PRECONDITIONED_RATIO] = pre.ratio
         return out
 
     # -- the loop -----------------------------------------------------------------------

@@ -1,0 +1,38 @@
+"""Metric names: the slash-named keys of ``metrics.jsonl`` (see docs/run-format.md).
+
+Every module that writes or reads a metric names it through here, so a key is spelled
+in one place. Plain strings only: this module imports nothing.
+"""
+
+SHARPNESS_PREFIX = "sharpness/"
+CRITICAL = "sharpness/critical"  # critical sharpness λ_c = 2/η_c
+ETA_C = "sharpness/eta_c"
+EVALS = "sharpness/evals"  # loss evaluations of the line search
+LR_OVER_ETA_C = "sharpness/lr_over_eta_c"
+TWO_OVER_LR = "sharpness/two_over_lr"
+LAMBDA_MAX = "sharpness/lambda_max"
+TRACE = "sharpness/trace"
+TRACE_STDERR = "sharpness/trace_stderr"
+TRACE_PER_PARAM = "sharpness/trace_per_param"
+PRECONDITIONED = "sharpness/preconditioned"
+PRECONDITIONED_THRESHOLD = "sharpness/preconditioned_threshold"
+PRECONDITIONED_RATIO = "sharpness/preconditioned_ratio"
+DEFERRED_FROM = "sharpness/deferred_from"
+FAILED_PREFIX = "sharpness/failed/"  # + the status of a measurement without a bracket
+
+TRAIN_LOSS = "train/loss"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_SKIPPED = "train/skipped"
+
+EVAL_PREFIX = "eval/"
+EVAL_LOSS = "eval/loss"
+ACC_PREFIX = "eval/acc/"  # + a task name
+ARITHMETIC_ACCURACY = "eval/arithmetic/accuracy"
+
+OPTIM_PREFIX = "optim/"  # + an optimizer statistic
+INNER_COSINE = "optim/inner_cosine"
+
+
+def eval_loss_key(data: str) -> str:
+    """The loss on the named evaluation data."""
+    return f"{EVAL_PREFIX}{data}/loss"
