@@ -43,8 +43,8 @@ except ImportError:
 
 from sharpscope.runs import read_run
 from sharpscope.training import data as data_lib
-from sharpscope.training import hf_checkpoint as hf
-from sharpscope.training.measure import MeasureOptions, find_checkpoints, measure_path
+from sharpscope.measure import hf
+from sharpscope.measure.series import MeasureOptions, find_checkpoints, measure_path
 
 VOCAB, BLOCK, STEPS, SAVE_EVERY, TRAIN_BATCH, MEASURE_BATCH = 512, 64, 100, 10, 8, 16
 PARTS = ("load", "direction", "critical", "lambda_max", "trace", "preconditioned")
@@ -114,7 +114,7 @@ class TrainingStep:
 def fresh_process_load(checkpoint: Path) -> float:
     """Importing transformers and loading the first model in a new process: the fixed cost
     of one `sharpscope measure` command (this process has paid it while training)."""
-    code = ("import time; t0 = time.perf_counter(); import torch; from sharpscope.training import hf_checkpoint as hf; "
+    code = ("import time; t0 = time.perf_counter(); import torch; from sharpscope.measure import hf; "
             f"hf.load_model(__import__('pathlib').Path({str(checkpoint)!r}), torch.device('cpu')); "
             "print(time.perf_counter() - t0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -22,7 +22,7 @@ import sharpscope  # noqa: E402
 from sharpscope.cli import main  # noqa: E402
 from sharpscope.runs import read_run, write_run  # noqa: E402
 from sharpscope.training import data as data_lib  # noqa: E402
-from sharpscope.training.measure import (MeasureOptions, direction_for, find_checkpoints,  # noqa: E402
+from sharpscope.measure.series import (MeasureOptions, direction_for, find_checkpoints,  # noqa: E402
                                          measure_checkpoint, measure_path, open_checkpoints)
 
 BLOCK, LR, WD = 24, 3e-3, 0.1

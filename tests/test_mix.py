@@ -23,7 +23,7 @@ from sharpscope.experiments.mix import (MixConfig, MixStreams, MixStudyConfig, c
                                         validate_mix)
 from sharpscope.training import data as data_lib
 from sharpscope.training.config import TrainConfig
-from sharpscope.training.measure import checkpoint_config
+from sharpscope.training.checkpoint import checkpoint_config
 from sharpscope.training.trainer import build_optimizer, lm_loss, plain_optimizer, train
 
 TINY = ["progress=false", "model.preset=nano", "model.block_size=32", "data.batch_size=4",

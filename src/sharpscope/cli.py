@@ -233,7 +233,7 @@ def _measure_table_row(r: dict) -> str:
 
 def cmd_measure(args: argparse.Namespace) -> int:
     from .runs import metrics_line
-    from .training.measure import MeasureOptions, find_checkpoints, measure_path
+    from .measure.series import MeasureOptions, find_checkpoints, measure_path
 
     options = MeasureOptions(batch_size=args.batch_size, n_batches=args.batches, block_size=args.block_size,
                              lanczos_iters=args.lanczos_iters, trace_samples=args.trace_samples, seed=args.seed,

@@ -34,7 +34,7 @@ from ..analysis.nexus import MEAN  # key of the mean over the evaluation sources
 from ..errors import UserError
 from ..training import data as data_lib
 from ..training.checkpoint import load_checkpoint, read_state
-from ..training.measure import checkpoint_config
+from ..training.checkpoint import checkpoint_config
 from ..training.trainer import TOKENIZER_FILE, build_model, lm_loss, make_run_tokenizer
 
 __all__ = ["MinimaDistance", "minima_distance", "pair_name"]

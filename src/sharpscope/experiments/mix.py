@@ -66,7 +66,7 @@ from ..runs import atomic_write_text, json_safe
 from ..training import data as data_lib
 from ..training.checkpoint import list_checkpoints, load_checkpoint, read_state
 from ..training.config import TrainConfig
-from ..training.measure import checkpoint_config
+from ..training.checkpoint import checkpoint_config
 from ..training.model import PRESETS
 from ..training.trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
 from .plan import is_lead, parse_shape, run_state, train_from_state, with_current_defaults

@@ -29,8 +29,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from ..config import from_dict
 from ..errors import UserError
 from ..runs import atomic_write_text
+from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -313,3 +315,14 @@ def _load_full_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.
             optimizer.load_state_dict({**saved, "base": base.state_dict()})
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError, OSError) as exc:
         raise UserError(f"{path / OPTIMIZER_FILE} cannot be loaded ({exc}); check the optimizer settings") from None
+
+
+def checkpoint_config(checkpoint: Path) -> TrainConfig:
+    """The TrainConfig of the run a checkpoint folder (RUN/checkpoints/stepN) belongs to."""
+    config_file = checkpoint.parent.parent / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"no config.json two levels above '{checkpoint}'; give a checkpoints/stepNNNNNNNN folder of a run")
+    try:
+        return from_dict(TrainConfig, json.loads(config_file.read_text(encoding="utf-8"))["train"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{config_file} is not the config of a training run") from None

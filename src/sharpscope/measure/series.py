@@ -6,7 +6,7 @@ What can be measured (:func:`find_checkpoints`):
 * one of our checkpoints, ``RUN/checkpoints/stepNNNNNNNN`` (the run's ``config.json``
   rebuilds the model and optimizer; checksums are checked first);
 * a Hugging Face model folder (``config.json`` + safetensors), loaded through
-  transformers from local files only (see :mod:`.hf_checkpoint`);
+  transformers from local files only (see :mod:`.hf`);
 * a folder of checkpoints, ``checkpoint-N`` (a ``transformers.Trainer`` output folder) or
   ``stepN`` (our ``RUN/checkpoints``, or ``RUN`` itself): each is measured, in step order.
 
@@ -44,17 +44,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import from_dict
 from ..curvature import (CriticalSharpnessResult, NonFiniteLossError, critical_sharpness, hessian_eigenvalues,
                          hessian_trace, preconditioned_sharpness, update_direction)
 from ..errors import UserError
 from ..runs import CONFIG_FILE, METRICS_FILE, read_run, write_run
 from ..sizes import size_label
-from . import data as data_lib
-from . import hf_checkpoint as hf
-from .checkpoint import CHECKPOINTS, STATE_FILE, load_checkpoint, read_state
-from .config import TrainConfig
-from .trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
+from . import hf
+from ..training import data as data_lib
+from ..training.checkpoint import CHECKPOINTS, STATE_FILE, checkpoint_config, load_checkpoint, read_state
+from ..training.trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
 from ..metrics import (CRITICAL, ETA_C, EVALS, LAMBDA_MAX, LR_OVER_ETA_C, PRECONDITIONED,
                        PRECONDITIONED_RATIO, PRECONDITIONED_THRESHOLD, TRACE, TRACE_PER_PARAM, TRACE_STDERR,
                        TRAIN_LOSS, TWO_OVER_LR, eval_loss_key)
@@ -232,17 +230,6 @@ def find_checkpoints(path: str | Path) -> Series:
         raise UserError(f"'{path}' holds two checkpoints of the same step ({sorted(steps)}); keep one of each")
     checkpoints.sort(key=lambda c: c.step)
     return Series(path=path, kind=kinds[0], checkpoints=checkpoints, home=home)
-
-
-def checkpoint_config(checkpoint: Path) -> TrainConfig:
-    """The TrainConfig of the run a checkpoint folder (RUN/checkpoints/stepN) belongs to."""
-    config_file = checkpoint.parent.parent / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"no config.json two levels above '{checkpoint}'; give a checkpoints/stepNNNNNNNN folder of a run")
-    try:
-        return from_dict(TrainConfig, json.loads(config_file.read_text(encoding="utf-8"))["train"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{config_file} is not the config of a training run") from None
 
 
 # --------------------------------------------------------------------------- models and data
