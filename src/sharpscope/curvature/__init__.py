@@ -22,7 +22,7 @@ from .critical import (
 )
 from .decomposition import DecompositionResult, sharpness_gradient_decomposition
 from .eigen import EigenResult, hessian_eigenvalues, lanczos, power_iteration
-from .monitor import SharpnessMonitor
+from .monitor import SharpnessMonitor, exact_references
 from .preconditioned import (
     PreconditionedSharpnessResult,
     adam_preconditioner,
@@ -51,6 +51,7 @@ __all__ = [
     "adam_preconditioner",
     "critical_sharpness",
     "cross_entropy_on_outputs",
+    "exact_references",
     "ggn_vector_product",
     "hessian_eigenvalues",
     "hessian_trace",

@@ -49,7 +49,7 @@ from ..metrics import (
     DEFERRED_FROM, LAMBDA_MAX, LR_OVER_ETA_C, PRECONDITIONED, PRECONDITIONED_RATIO, PRECONDITIONED_THRESHOLD, TRACE, TRACE_PER_PARAM, TRACE_STDERR,
 )
 
-__all__ = ["EXACT_MEASURES", "SharpnessMonitor", "check_monitor_options"]
+__all__ = ["EXACT_MEASURES", "SharpnessMonitor", "check_monitor_options", "exact_references"]
 
 EXACT_MEASURES = ("lambda_max", "trace", "preconditioned")
 """The exact references the monitor can add every ``exact_every`` steps."""
@@ -66,13 +66,12 @@ def check_monitor_options(**options: Any) -> None:
     """Raise ValueError (one line: what is wrong, what is allowed) for options that
     :class:`SharpnessMonitor` would refuse, before any model exists; the callbacks call
     this when they are constructed so a typo fails at once, not at the first step."""
-    names = [n for n in inspect.signature(SharpnessMonitor.__init__).parameters
-             if n not in ("self", "model", "loss_fn", "probe_batch", "optimizer")]
+    parameters = inspect.signature(SharpnessMonitor.__init__).parameters
+    names = [n for n in parameters if n not in ("self", "model", "loss_fn", "probe_batch", "optimizer")]
     for name in options:
         if name not in names:
             raise ValueError(f"unknown monitor option {name!r}; the options are: {', '.join(names)}")
-    o = {**{n: p.default for n, p in inspect.signature(SharpnessMonitor.__init__).parameters.items()
-            if n in names}, **options}
+    o = {**{n: parameters[n].default for n in names}, **options}
     _positive_int("every", o["every"])
     _positive_int("exact_every", o["exact_every"], zero_ok=True)
     _positive_int("max_evals", o["max_evals"])
@@ -94,6 +93,37 @@ def check_monitor_options(**options: Any) -> None:
         raise ValueError(f"exact must be a list drawn from {', '.join(EXACT_MEASURES)}, not {exact!r}")
     if not (isinstance(o["exact_tol"], (int, float)) and o["exact_tol"] > 0):
         raise ValueError(f"exact_tol must be a positive number, not {o['exact_tol']!r}")
+
+
+def exact_references(model: torch.nn.Module, loss_fn: LossFn, batches: Any, optimizer: torch.optim.Optimizer, *,
+                     measures: tuple[str, ...] | list[str] = EXACT_MEASURES, lanczos_iters: int = 20,
+                     trace_samples: int = 16, tol: float = 1e-3, **options: Any) -> dict[str, float]:
+    """λ_max (Lanczos), the trace (Hutchinson) and, for an Adam-family optimizer with state
+    and lr > 0, preconditioned sharpness, as run-format metrics; ``measures`` picks which.
+    ``options`` go to the operators (``mode``, ``autocast``, ``distributed`` ...). The one
+    recipe the monitor, the callbacks and the trainer measure with."""
+    out: dict[str, float] = {}
+    if "lambda_max" in measures:
+        eig = hessian_eigenvalues(model, loss_fn, batches, k=1, max_iter=lanczos_iters, tol=tol, **options)
+        out[LAMBDA_MAX] = eig.values[0]
+    if "trace" in measures:
+        trace = hessian_trace(model, loss_fn, batches, samples=trace_samples, **options)
+        out[TRACE] = trace.estimate
+        out[TRACE_STDERR] = trace.stderr
+        out[TRACE_PER_PARAM] = trace.per_param
+    if "preconditioned" in measures:
+        # The SAM family and Nexus keep Adam's moments in their base optimizer.
+        adam = getattr(optimizer, "base", optimizer)
+        group = adam.param_groups[0]
+        lr = float(group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"])
+        # lr = 0 (warmup start, end of a decay to zero) has no threshold 38/lr to compare with.
+        if "betas" in group and adam.state and lr > 0:
+            pre = preconditioned_sharpness(model, loss_fn, batches, adam, max_iter=lanczos_iters, tol=tol,
+                                           **options)
+            out[PRECONDITIONED] = pre.value
+            out[PRECONDITIONED_THRESHOLD] = pre.threshold
+            out[PRECONDITIONED_RATIO] = pre.ratio
+    return out
 
 
 class SharpnessMonitor:
@@ -254,31 +284,11 @@ class SharpnessMonitor:
         return self.latest
 
     def measure_exact(self) -> dict[str, float]:
-        """λ_max, the trace and (Adam with state, lr > 0) preconditioned sharpness at the
-        model's current parameters on the probe batch, as run-format metrics."""
-        model, loss_fn, batches = self.model, self.objective.loss_fn, self.objective.batches
-        out: dict[str, float] = {}
-        if "lambda_max" in self.exact:
-            eig = hessian_eigenvalues(model, loss_fn, batches, k=1, max_iter=self.lanczos_iters,
-                                      tol=self.exact_tol, **self._options)
-            out[LAMBDA_MAX] = eig.values[0]
-        if "trace" in self.exact:
-            trace = hessian_trace(model, loss_fn, batches, samples=self.trace_samples, **self._options)
-            out[TRACE] = trace.estimate
-            out[TRACE_STDERR] = trace.stderr
-            out[TRACE_PER_PARAM] = trace.per_param
-        if "preconditioned" in self.exact:
-            # The SAM family and Nexus keep Adam's moments in their base optimizer.
-            adam = getattr(self.optimizer, "base", self.optimizer)
-            group = adam.param_groups[0]
-            lr = float(group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"])
-            if "betas" in group and adam.state and lr > 0:
-                pre = preconditioned_sharpness(model, loss_fn, batches, adam, max_iter=self.lanczos_iters,
-                                               tol=self.exact_tol, **self._options)
-                out[PRECONDITIONED] = pre.value
-                out[PRECONDITIONED_THRESHOLD] = pre.threshold
-                out[PRECONDITIONED_RATIO] = pre.ratio
-        return out
+        """The exact references (:func:`exact_references`) at the model's current
+        parameters on the probe batch."""
+        return exact_references(self.model, self.objective.loss_fn, self.objective.batches, self.optimizer,
+                                measures=self.exact, lanczos_iters=self.lanczos_iters,
+                                trace_samples=self.trace_samples, tol=self.exact_tol, **self._options)
 
     def measure(self, capture: DirectionCapture) -> dict[str, float]:
         """Measure along a captured direction; returns (and keeps in ``latest``) the metrics."""

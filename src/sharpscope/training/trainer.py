@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..runs import METRICS_FILE, RunWriter
 from ..schedules import SCHEDULES, lr_multiplier
 from ..sizes import size_label
-from ..curvature import SharpnessMonitor, hessian_eigenvalues, hessian_trace, preconditioned_sharpness
+from ..curvature import SharpnessMonitor, exact_references
 from ..curvature.agreement import gradient_agreement
 from . import data as data_lib
 from .checkpoint import (gather_full_state, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
@@ -46,7 +46,7 @@ from .checkpoint import (gather_full_state, list_checkpoints, load_checkpoint, r
 from .config import ModelConfig, TrainConfig
 from .hooks import STEP_HOOKS, ProgressBar, StepHook, StepResult
 from .model import GPT, PRESETS, GPTConfig, count_parameters
-from .optimizers import build_optimizer, optimizer_spec, plain_optimizer
+from .optimizers import build_optimizer, optimizer_spec
 from ..metrics import (ARITHMETIC_ACCURACY, EVAL_LOSS, LAMBDA_MAX, PRECONDITIONED, PRECONDITIONED_RATIO,
                        TRACE_PER_PARAM, eval_loss_key)
 
@@ -346,19 +346,11 @@ class Trainer:
         return correct / len(problems)
 
     def exact_curvature(self) -> dict[str, float]:
-        batch = self.probe_shard  # every rank takes part; products are all-reduced
+        # Every rank takes part (products are all-reduced); the run records these four.
         cfg = self.config.monitor
-        out = {}
-        eig = hessian_eigenvalues(self.model, lm_loss, [batch], k=1, max_iter=cfg.lanczos_iters, tol=1e-3)
-        out[LAMBDA_MAX] = eig.values[0]
-        trace = hessian_trace(self.model, lm_loss, [batch], samples=cfg.trace_samples)
-        out[TRACE_PER_PARAM] = trace.per_param
-        if isinstance(plain_optimizer(self.optimizer), torch.optim.AdamW) and self.optimizer.state:
-            pre = preconditioned_sharpness(self.model, lm_loss, [batch], self.optimizer,
-                                           max_iter=cfg.lanczos_iters, tol=1e-3)
-            out[PRECONDITIONED] = pre.value
-            out[PRECONDITIONED_RATIO] = pre.ratio
-        return out
+        refs = exact_references(self.model, lm_loss, [self.probe_shard], self.optimizer,
+                                lanczos_iters=cfg.lanczos_iters, trace_samples=cfg.trace_samples)
+        return {k: refs[k] for k in (LAMBDA_MAX, TRACE_PER_PARAM, PRECONDITIONED, PRECONDITIONED_RATIO) if k in refs}
 
     # -- the loop -----------------------------------------------------------------------
 
