@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import run_err, run_ok
 from sharpscope.cli import main
 from sharpscope.runs import read_run
 
@@ -27,23 +28,6 @@ TINY = ["--steps", "12", "--monitor-every", "1", "progress=false", "model.preset
         "monitor.probe_batch_size=4", "schedule.warmup_steps=3", "monitor.exact_every=6",
         "monitor.lanczos_iters=4", "monitor.trace_samples=2"]
 WIDTHS = (16, 24, 32)
-
-
-def run_ok(capsys, argv) -> str:
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    assert "Traceback" not in out + err
-    return out
-
-
-def run_err(capsys, argv) -> str:
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == 2, (out, err)
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sharpscope: error:"), err
-    return lines[0]
 
 
 def rows(report: Path, table: str) -> list[dict]:

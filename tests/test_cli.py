@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sharpscope.cli import main
+from cli_helpers import run_err, run_ok
 from sharpscope.runs import write_run
 from sharpscope.simulation import SimulationConfig, write_study
 
@@ -35,26 +35,6 @@ def sim_study(tmp_path_factory) -> Path:
     study = tmp_path_factory.mktemp("cli") / "study"
     write_study(SimulationConfig(), study)
     return study
-
-
-def run_ok(capsys, argv) -> str:
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    assert "Traceback" not in out + err
-    return out
-
-
-def run_err(capsys, argv) -> str:
-    """Run a command that must fail as a user error; return its one stderr line."""
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == 2, (out, err)
-    assert "Traceback" not in out + err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("sharpscope: error:"), err
-    return lines[0]
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

@@ -24,7 +24,8 @@ from sharpscope.experiments.mix import (MixConfig, MixStreams, MixStudyConfig, c
 from sharpscope.training import data as data_lib
 from sharpscope.training.config import TrainConfig
 from sharpscope.training.checkpoint import checkpoint_config
-from sharpscope.training.trainer import build_optimizer, lm_loss, plain_optimizer, train
+from sharpscope.training.optimizers import build_optimizer, plain_optimizer
+from sharpscope.training.trainer import lm_loss, train
 
 TINY = ["progress=false", "model.preset=nano", "model.block_size=32", "data.batch_size=4",
         "data.sources=code", "data.max_bytes=200000", "eval.every=10", "eval.batches=1",

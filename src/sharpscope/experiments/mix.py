@@ -68,7 +68,8 @@ from ..training.checkpoint import list_checkpoints, load_checkpoint, read_state
 from ..training.config import TrainConfig
 from ..training.checkpoint import checkpoint_config
 from ..training.model import PRESETS
-from ..training.trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
+from ..training.optimizers import build_optimizer, plain_optimizer
+from ..training.trainer import TOKENIZER_FILE, build_model, lm_loss, lr_at, make_run_tokenizer
 from .plan import is_lead, parse_shape, run_state, train_from_state, with_current_defaults
 
 __all__ = [
@@ -290,7 +291,7 @@ def mix_sweep(model: torch.nn.Module, optimizer: torch.optim.Optimizer, streams:
     """One row per α (ascending): the two critical sharpnesses along d_α.
 
     ``optimizer`` takes the steps (for the SAM family and Nexus pass their base, see
-    :func:`~sharpscope.training.trainer.plain_optimizer`). Each search starts at η0 = the
+    :func:`~sharpscope.training.optimizers.plain_optimizer`). Each search starts at η0 = the
     previous α's η_c on the same curve (``lr`` for the first α) and is warm-started from
     it. Model, optimizer and RNG states are left exactly as they were.
 

@@ -16,7 +16,7 @@ import torch
 
 from ..curvature import SharpnessMonitor
 from ..curvature.monitor import check_monitor_options
-from ..runs import RunWriter
+from ..runs import METRICS_FILE, RunWriter
 from ..metrics import TWO_OVER_LR
 
 
@@ -109,7 +109,8 @@ class MonitorRecorder:
         return self.monitor
 
     def measured(self, step: int, metrics: dict[str, float], lr: float | None) -> dict[str, float]:
-        """Keep a measurement made at ``step`` (run-format keys); returns it with its lr."""
+        """Keep a measurement made at ``step`` (run-format keys) and put it, with the lr
+        of its step and 2/lr, in the step's row; returns the kept copy."""
         metrics = dict(metrics)
         self.history.append((step, metrics))
         extra = {"lr": lr, TWO_OVER_LR: 2.0 / lr} if lr and lr > 0 else {}
@@ -141,17 +142,11 @@ class MonitorRecorder:
 
 
 def _count_rows(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     if not metrics.is_file():
         return 0
     with open(metrics, "rb") as fh:
         return sum(1 for line in fh if line.strip())
-
-
-def gradient_norm(grads: list[torch.Tensor]) -> float:
-    """The global 2-norm of the gradients (what the frameworks log as grad_norm)."""
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float())
-                                                      for g in grads])))
 
 
 def finite(metrics: dict[str, float]) -> dict[str, float]:

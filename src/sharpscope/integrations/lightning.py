@@ -32,7 +32,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from ._common import MonitorRecorder, finite, gradient_norm
+from ..tensors.vectors import norm
+from ._common import MonitorRecorder, finite
 from ..metrics import TRAIN_GRAD_NORM, TRAIN_LOSS
 
 
@@ -95,11 +96,11 @@ class SharpnessCallback(pl.Callback):
         inner = getattr(optimizer, "optimizer", optimizer)
         self._lr = capture.lr if capture is not None else float(inner.param_groups[0]["lr"])
         self._step_values = {}
-        if self._records(trainer, step) or capture is not None:
-            # Lightning clips after this hook: this is the norm before clipping, as HF logs it.
+        if self.recorder.run_dir is not None and (capture is not None or self._records(trainer, step)):
+            # Only the run directory uses these. Lightning clips after this hook: this is the norm before clipping, as HF logs it.
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             if grads:
-                self._step_values[TRAIN_GRAD_NORM] = gradient_norm(grads)
+                self._step_values[TRAIN_GRAD_NORM] = norm(grads)
             self._step_values["lr"] = self._lr
         self._armed = True
 

@@ -52,7 +52,8 @@ from ..sizes import size_label
 from . import hf
 from ..training import data as data_lib
 from ..training.checkpoint import CHECKPOINTS, STATE_FILE, checkpoint_config, load_checkpoint, read_state
-from ..training.trainer import TOKENIZER_FILE, build_model, build_optimizer, lm_loss, lr_at, make_run_tokenizer, plain_optimizer
+from ..training.optimizers import build_optimizer, plain_optimizer
+from ..training.trainer import TOKENIZER_FILE, build_model, lm_loss, lr_at, make_run_tokenizer
 from ..metrics import (CRITICAL, ETA_C, EVALS, LAMBDA_MAX, LR_OVER_ETA_C, PRECONDITIONED,
                        PRECONDITIONED_RATIO, PRECONDITIONED_THRESHOLD, TRACE, TRACE_PER_PARAM, TRACE_STDERR,
                        TRAIN_LOSS, TWO_OVER_LR, eval_loss_key)
