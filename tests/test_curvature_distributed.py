@@ -78,6 +78,14 @@ def loss_fn(model, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 
+def sequence_losses(model, batch: torch.Tensor) -> torch.Tensor:
+    """Per-sequence losses (1-D): the mean of the objective is loss_fn's, and the
+    critical-sharpness bootstrap has examples to resample."""
+    logits = model(batch[:, :-1])
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+    return per_token.view(batch.shape[0], -1).mean(dim=1)
+
+
 def measure_batch() -> torch.Tensor:
     return tokens(11)
 
@@ -135,6 +143,9 @@ def global_measurements(model, one, listed, *, extra_options: dict | None = None
     out["critical_warm"] = cs_record(
         critical_sharpness(model, loss_fn, one, direction, method="fast", warm_start=first)
     )
+    per_example = critical_sharpness(model, sequence_losses, one, direction, method="fast")
+    out["critical_per_example"] = {**cs_record(per_example), "stderr": per_example.stderr,
+                                   "eta_stderr": per_example.eta_stderr, "descent": per_example.descent}
     out["eigen"] = eig_record(hessian_eigenvalues(model, loss_fn, listed, k=2))
     out["trace"] = trace_record(hessian_trace(model, loss_fn, listed, samples=8))
     # Direction of a fresh AdamW's first step, from the global gradient.
@@ -314,6 +325,19 @@ def test_warm_started_critical_sharpness_matches(ranks, reference):
     assert want["status"] == "ok"
     for r in ranks:
         assert_cs_matches(r["global"]["critical_warm"], want)
+
+
+def test_per_example_stderr_matches_single_process(ranks, reference):
+    # Each rank's shard is one stratum of the bootstrap, as each batch of the list is in
+    # one process: the example losses are gathered rank-major, so the standard error is
+    # the single process's, and the same on every rank.
+    want = reference["global"]["critical_per_example"]
+    assert math.isfinite(want["stderr"]) and want["stderr"] > 0
+    for r in ranks:
+        got = r["global"]["critical_per_example"]
+        assert_cs_matches(got, want)
+        for key in ("stderr", "eta_stderr", "descent"):
+            assert close(got[key], want[key], RTOL), key
 
 
 @pytest.mark.parametrize("key", ["explicit_true", "explicit_group"])

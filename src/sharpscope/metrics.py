@@ -8,6 +8,11 @@ SHARPNESS_PREFIX = "sharpness/"
 CRITICAL = "sharpness/critical"  # critical sharpness λ_c = 2/η_c
 ETA_C = "sharpness/eta_c"
 EVALS = "sharpness/evals"  # loss evaluations of the line search
+CRITICAL_SE = "sharpness/critical_se"  # bootstrap standard error of λ_c over the probe's examples
+ETA_C_SE = "sharpness/eta_c_se"  # the same for η_c
+DESCENT_STEP = "sharpness/descent_step"  # gᵀd/‖d‖ on the batch the step was computed on
+DESCENT_PROBE = "sharpness/descent_probe"  # gᵀd/‖d‖ on the probe (from the line search's losses)
+PROBE_BATCHES = "sharpness/probe_batches"  # micro-batches a growing probe used
 LR_OVER_ETA_C = "sharpness/lr_over_eta_c"
 TWO_OVER_LR = "sharpness/two_over_lr"
 LAMBDA_MAX = "sharpness/lambda_max"

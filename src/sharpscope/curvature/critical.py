@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from ..tensors import vectors as vec
+from .bootstrap import bootstrap_spread
 from ..tensors.objective import LossFn, Objective
 from ..tensors.state import StateGuard, trainable_parameters, unwrap_model
 from ..metrics import SHARPNESS_PREFIX
@@ -89,6 +90,14 @@ class CriticalSharpnessResult:
     (η, L(θ − η·d)) in evaluation order. ``slope`` is the slope of
     f(η) = (L(θ − ηd) − L0)/η across the final bracket (½·dᵀHd for a quadratic); the
     fast search uses it to warm-start the next measurement.
+
+    ``stderr`` and ``eta_stderr`` are the standard errors of λ_c and η_c over the probe's
+    examples (a bootstrap over the example losses the probes already computed, see
+    :mod:`.bootstrap`); NaN when ``loss_fn`` returns a mean instead of per-example losses,
+    or when there is no bracket. ``descent`` is gᵀd/‖d‖ on the probe objective for a search
+    in which no probe decreased the loss ("not_descent"), by one central difference (the
+    one extra evaluation counted in ``evals``): positive means the probe's loss does fall
+    along d, but too little to show at any step size tried; NaN otherwise.
     """
 
     sharpness: float
@@ -102,6 +111,9 @@ class CriticalSharpnessResult:
     probes: list[tuple[float, float]] = field(default_factory=list)
     slope: float = math.nan
     message: str = ""
+    stderr: float = math.nan
+    eta_stderr: float = math.nan
+    descent: float = math.nan
 
     @property
     def ok(self) -> bool:
@@ -118,6 +130,10 @@ class CriticalSharpnessResult:
         }
         if self.status != "ok":
             out[f"{prefix}failed/{self.status}"] = 1.0
+        for key, value in (("critical_se", self.stderr), ("eta_c_se", self.eta_stderr),
+                           ("descent_probe", self.descent)):
+            if not math.isnan(value):
+                out[f"{prefix}{key}"] = value
         return out
 
 
@@ -148,6 +164,10 @@ class _Profile:
         self.loss0 = loss0
         self.band = band
         self.probes: list[tuple[float, float]] = []
+        self.baseline_examples = objective.examples
+        # Per-example losses of each probe (None once any evaluation has none).
+        self.examples: list | None = [] if objective.examples is not None else None
+        self.extra_evals = 0
 
     def probe(self, eta: float) -> tuple[float, bool, bool]:
         """(f(η), increased, flat) with f(η) = (L(θ0 − η·d) − L0)/η, +inf for a non-finite
@@ -157,14 +177,27 @@ class _Profile:
                 p.copy_(o).add_(d, alpha=-eta)
         loss = self.objective.value()
         self.probes.append((eta, loss))
+        if self.examples is not None:
+            if self.objective.examples is None:
+                self.examples = None
+            else:
+                self.examples.append(self.objective.examples)
         if not math.isfinite(loss):
             return math.inf, True, False
         change = loss - self.loss0
         return change / eta, not change < -self.band, abs(change) <= self.band
 
+    def loss_at(self, eta: float) -> float:
+        """L(θ0 − η·d) outside the search's record (a negative η steps along +d)."""
+        with torch.no_grad():
+            for p, o, d in zip(self.params, self.origin, self.direction):
+                p.copy_(o).add_(d, alpha=-eta)
+        self.extra_evals += 1
+        return self.objective.value()
+
     @property
     def evals(self) -> int:
-        return len(self.probes) + 1
+        return len(self.probes) + 1 + self.extra_evals
 
 
 def _secant_root(a: tuple[float, float], b: tuple[float, float]) -> float | None:
@@ -375,6 +408,24 @@ def _bracket_slope(bracket: _Bracket) -> float:
     return math.nan
 
 
+def _probe_descent(profile: _Profile) -> float:
+    """gᵀd/‖d‖ on the probe objective, for a search in which no probe decreased the loss:
+    the central difference (L(θ + ηd) − L(θ − ηd))/2η, exact for a quadratic profile, at
+    the smallest probe whose change is a thousand rounding bands (rounding then moves it
+    by at most 0.1%), or the largest probe if none is. One evaluation more. (Where the
+    loss decreased, d descends on the probe; the line through the bracket would not give
+    gᵀd there, because the profile at η_c is far from its quadratic start.)"""
+    finite = [(eta, loss) for eta, loss in sorted(profile.probes) if math.isfinite(loss)]
+    if not finite:
+        return math.nan
+    shown = [p for p in finite if abs(p[1] - profile.loss0) > 1e3 * profile.band]
+    eta, loss_minus = shown[0] if shown else finite[-1]
+    loss_plus = profile.loss_at(-eta)
+    if not math.isfinite(loss_plus):
+        return math.nan
+    return (loss_plus - loss_minus) / (2.0 * eta) / vec.norm(profile.direction)
+
+
 def _rounding_band(loss0: float, finfo: torch.finfo) -> float:
     """How far a probe's loss may sit from L0 and still be L0 up to rounding (see _Profile).
 
@@ -434,23 +485,30 @@ def search_critical_lr(
 
     def result(status, loss0=nan, profile=None, bracket=None):
         probes = [] if profile is None else profile.probes
-        evals = 0 if profile is None else profile.evals
         eta = sharp = nan
         span = (nan, nan)
-        slope = nan
+        slope = stderr = eta_stderr = descent = nan
         if bracket is not None:
             if bracket.lo and bracket.hi:
                 eta = _final_eta(bracket, method)
                 sharp = 2.0 / eta
                 span = (bracket.lo[0], bracket.hi[0])
+                if profile.examples is not None:
+                    spread = bootstrap_spread([e for e, _ in probes], profile.baseline_examples,
+                                              profile.examples, profile.band)
+                    stderr, eta_stderr = spread.stderr, spread.eta_stderr
             elif bracket.lo:
                 span = (bracket.lo[0], math.inf)
             elif bracket.hi:
                 span = (0.0, bracket.hi[0])
             slope = _bracket_slope(bracket)
+            if bracket.lo is None:
+                descent = _probe_descent(profile)
+        evals = 0 if profile is None else profile.evals
         return CriticalSharpnessResult(
             sharpness=sharp, eta=eta, evals=evals, status=status, method=method, rtol=rtol,
             loss0=loss0, bracket=span, probes=probes, slope=slope, message=STATUSES[status],
+            stderr=stderr, eta_stderr=eta_stderr, descent=descent,
         )
 
     if not vec.is_finite(direction):

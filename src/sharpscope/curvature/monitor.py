@@ -37,22 +37,28 @@ from typing import Any, Iterator
 
 import torch
 
-from ..tensors.distributed import mean_floats
+from ..tensors import vectors as vec
+from ..tensors.distributed import mean_floats, resolve_group
 from ..tensors.objective import LossFn, Objective, precision_of
-from ..tensors.state import unwrap_model
+from ..tensors.state import trainable_parameters, unwrap_model
 from .capture import DirectionCapture
 from .critical import CriticalSharpnessResult, search_critical_lr
 from .eigen import hessian_eigenvalues
 from .preconditioned import preconditioned_sharpness
 from .trace import hessian_trace
 from ..metrics import (
-    DEFERRED_FROM, LAMBDA_MAX, LR_OVER_ETA_C, PRECONDITIONED, PRECONDITIONED_RATIO, PRECONDITIONED_THRESHOLD, TRACE, TRACE_PER_PARAM, TRACE_STDERR,
+    DEFERRED_FROM, DESCENT_STEP, LAMBDA_MAX, PROBE_BATCHES, LR_OVER_ETA_C, PRECONDITIONED, PRECONDITIONED_RATIO, PRECONDITIONED_THRESHOLD, TRACE, TRACE_PER_PARAM, TRACE_STDERR,
 )
 
-__all__ = ["EXACT_MEASURES", "SharpnessMonitor", "check_monitor_options", "exact_references"]
+__all__ = ["EXACT_MEASURES", "PROBES", "SharpnessMonitor", "check_monitor_options", "exact_references"]
 
 EXACT_MEASURES = ("lambda_max", "trace", "preconditioned")
 """The exact references the monitor can add every ``exact_every`` steps."""
+
+PROBES = ("fixed", "step", "next")
+"""Where the loss along the update is measured: the fixed probe batch given to the monitor,
+the batch the step was computed on, or the next training batch (both passed to
+``around_step(step, batch=...)``)."""
 
 
 def _positive_int(name: str, value: Any, *, zero_ok: bool = False) -> None:
@@ -93,6 +99,12 @@ def check_monitor_options(**options: Any) -> None:
         raise ValueError(f"exact must be a list drawn from {', '.join(EXACT_MEASURES)}, not {exact!r}")
     if not (isinstance(o["exact_tol"], (int, float)) and o["exact_tol"] > 0):
         raise ValueError(f"exact_tol must be a positive number, not {o['exact_tol']!r}")
+    if o["probe"] not in PROBES:
+        raise ValueError(f"probe must be one of {', '.join(PROBES)}, not {o['probe']!r}")
+    target = o["probe_target"]
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < math.inf:
+        raise ValueError(f"probe_target must be 0 (off) or a positive relative standard error such as 0.1, "
+                         f"not {target!r}")
 
 
 def exact_references(model: torch.nn.Module, loss_fn: LossFn, batches: Any, optimizer: torch.optim.Optimizer, *,
@@ -127,12 +139,24 @@ def exact_references(model: torch.nn.Module, loss_fn: LossFn, batches: Any, opti
 
 
 class SharpnessMonitor:
-    """Critical sharpness every ``every`` optimizer steps on a fixed probe batch.
+    """Critical sharpness every ``every`` optimizer steps on a probe batch.
 
     ``latest`` holds the metrics of the measurement made at the current step (None on
     steps without one): ``sharpness/critical`` (λ_c), ``sharpness/eta_c`` (η_c),
     ``sharpness/lr_over_eta_c`` (above 1: the step is past the critical lr along its own
-    direction), ``sharpness/evals`` (loss evaluations). ``last`` is the last full result.
+    direction), ``sharpness/evals`` (loss evaluations), and, when ``loss_fn`` returns
+    per-example losses, ``sharpness/critical_se`` (the standard error of λ_c over the
+    probe's examples). ``sharpness/descent_step`` and ``sharpness/descent_probe`` are
+    gᵀd/‖d‖ on the step's batch (from ``.grad``) and on the probe: a ``not_descent``
+    failure with a positive ``descent_step`` is the probe's noise, not an uphill step.
+    ``last`` is the last full result.
+
+    ``probe``: "fixed" measures on ``probe_batch`` (one batch, or a list of micro-batches
+    whose mean loss is the objective: a larger probe costs time, not memory); "step" and
+    "next" on the ``batch`` passed to :meth:`around_step` (the step's own batch, or the
+    next training batch). ``probe_target`` > 0 grows a probe of several micro-batches:
+    the search starts on the first and doubles the micro-batches (warm-started) until
+    the relative standard error of λ_c is at most the target or all are used.
     """
 
     def __init__(
@@ -156,10 +180,16 @@ class SharpnessMonitor:
         lanczos_iters: int = 20,
         trace_samples: int = 16,
         exact_tol: float = 1e-3,
+        probe: str = "fixed",
+        probe_target: float = 0.0,
     ):
         check_monitor_options(every=every, method=method, rtol=rtol, at=at, mode=mode, autocast=autocast,
                               max_evals=max_evals, exact_every=exact_every, exact=exact,
-                              lanczos_iters=lanczos_iters, trace_samples=trace_samples, exact_tol=exact_tol)
+                              lanczos_iters=lanczos_iters, trace_samples=trace_samples, exact_tol=exact_tol,
+                              probe=probe, probe_target=probe_target)
+        if probe == "fixed" and probe_batch is None:
+            raise ValueError("probe_batch is None: give a probe batch, or probe='step'/'next' and pass each "
+                             "step's batch to around_step(step, batch=...)")
         self.model = unwrap_model(model)
         self.optimizer = optimizer
         self.every = every
@@ -174,12 +204,14 @@ class SharpnessMonitor:
         self.lanczos_iters = lanczos_iters
         self.trace_samples = trace_samples
         self.exact_tol = exact_tol
+        self.probe = probe
+        self.probe_target = float(probe_target)
+        self.loss_fn = loss_fn
         self._options = {"mode": mode, "autocast": autocast, "distributed": distributed,
                          "process_group": process_group}
-        self.objective = Objective(
-            self.model, loss_fn, probe_batch, autocast=autocast,
-            distributed=distributed, process_group=process_group,
-        )
+        self._group = resolve_group(distributed, process_group)
+        self.objective = self._objective(probe_batch) if probe_batch is not None else None
+        self._step_batch: Any = None
         self.last: CriticalSharpnessResult | None = None
         self.latest: dict[str, float] | None = None
         self.measurements = 0
@@ -189,6 +221,10 @@ class SharpnessMonitor:
         self._capture_deferred_from: int | None = None
         self._capture_step: int | None = None
         self._exact_metrics: dict[str, float] | None = None
+
+    def _objective(self, batches: Any) -> Objective:
+        return Objective(self.model, self.loss_fn, batches, autocast=self.autocast,
+                         distributed=self._options["distributed"], process_group=self._options["process_group"])
 
     @property
     def precision(self) -> str:
@@ -202,7 +238,8 @@ class SharpnessMonitor:
                 "autocast": None if self.autocast is None else str(self.autocast).removeprefix("torch."),
                 "precision": self.precision, "exact_every": self.exact_every,
                 "exact": list(self.exact) if self.exact_every else [],
-                "lanczos_iters": self.lanczos_iters, "trace_samples": self.trace_samples}
+                "lanczos_iters": self.lanczos_iters, "trace_samples": self.trace_samples,
+                "probe": self.probe, "probe_target": self.probe_target}
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -211,9 +248,10 @@ class SharpnessMonitor:
         return self.exact_every > 0 and step % self.exact_every == 0
 
     @contextmanager
-    def around_step(self, step: int) -> Iterator[DirectionCapture | None]:
-        """Wrap ``optimizer.step()``; measures afterwards when ``step`` is due."""
-        capture = self.begin_step(step)
+    def around_step(self, step: int, batch: Any = None) -> Iterator[DirectionCapture | None]:
+        """Wrap ``optimizer.step()``; measures afterwards when ``step`` is due. ``batch`` is
+        the probe for ``probe="step"`` or ``"next"`` (ignored for "fixed")."""
+        capture = self.begin_step(step, batch=batch)
         try:
             yield capture
         except BaseException:
@@ -221,21 +259,28 @@ class SharpnessMonitor:
             raise
         self.end_step()
 
-    def begin_step(self, step: int, *, due: bool | None = None,
+    def begin_step(self, step: int, *, batch: Any = None, due: bool | None = None,
                    exact_due: bool | None = None) -> DirectionCapture | None:
         """Call just before ``optimizer.step()`` (for callback APIs with separate hooks).
 
         ``due`` / ``exact_due`` override the monitor's own cadence (``step % every == 0``)
         for callers that count steps differently. A due step with lr = 0 is deferred to the
         next step with lr > 0. Exact references, when due, are measured here (at θ_before).
+        ``batch`` is the probe for ``probe="step"`` or ``"next"``.
         """
         self.latest = None
         self._capture = None
         self._capture_deferred_from = None
         self._exact_metrics = None
-        if exact_due if exact_due is not None else self.exact_due(step):
-            self._exact_metrics = self.measure_exact()
         due = self.due(step) if due is None else due
+        exact_due = exact_due if exact_due is not None else self.exact_due(step)
+        if self.probe != "fixed":
+            if batch is None and (due or exact_due or self.deferred_from is not None):
+                raise ValueError(f"probe={self.probe!r} measures on the batch passed to the step: call "
+                                 "around_step(step, batch=...) (or begin_step(step, batch=...))")
+            self._step_batch = batch
+        if exact_due:
+            self._exact_metrics = self.measure_exact()
         if not due and self.deferred_from is None:
             return None
         capture = DirectionCapture(self.model, self.optimizer, keep_before=self.at == "before")
@@ -253,8 +298,8 @@ class SharpnessMonitor:
         """Whether the step moved any parameter, on any rank (ranks must agree: the
         measurement that follows is collective)."""
         moved = any(bool(d.any()) for d in direction)
-        if self.objective.group is not None:
-            moved = mean_floats([float(moved)], self.objective.group)[0] > 0
+        if self._group is not None:
+            moved = mean_floats([float(moved)], self._group)[0] > 0
         return moved
 
     def end_step(self) -> dict[str, float] | None:
@@ -283,36 +328,65 @@ class SharpnessMonitor:
         self.latest = metrics or None
         return self.latest
 
+    def _probe_objective(self) -> Objective:
+        return self.objective if self.probe == "fixed" else self._objective(self._step_batch)
+
     def measure_exact(self) -> dict[str, float]:
         """The exact references (:func:`exact_references`) at the model's current
         parameters on the probe batch."""
-        return exact_references(self.model, self.objective.loss_fn, self.objective.batches, self.optimizer,
+        objective = self._probe_objective()
+        return exact_references(self.model, objective.loss_fn, objective.batches, self.optimizer,
                                 measures=self.exact, lanczos_iters=self.lanczos_iters,
                                 trace_samples=self.trace_samples, tol=self.exact_tol, **self._options)
 
+    def _search(self, objective: Objective, capture: DirectionCapture, warm: CriticalSharpnessResult | None,
+                cold_eta: float) -> CriticalSharpnessResult:
+        ok = warm is not None and warm.ok
+        return search_critical_lr(
+            self.model, objective, capture.direction, method=self.method, rtol=self.rtol,
+            eta0=warm.eta if ok else cold_eta,
+            slope0=warm.slope if ok and math.isfinite(warm.slope) else None,
+            origin=capture.before if self.at == "before" else None,
+            max_evals=self.max_evals, mode=self.mode,
+        )
+
     def measure(self, capture: DirectionCapture) -> dict[str, float]:
         """Measure along a captured direction; returns (and keeps in ``latest``) the metrics."""
-        last = self.last
-        warm = last is not None and last.ok
-        result = search_critical_lr(
-            self.model,
-            self.objective,
-            capture.direction,
-            method=self.method,
-            rtol=self.rtol,
-            eta0=last.eta if warm else capture.lr,
-            slope0=last.slope if warm and math.isfinite(last.slope) else None,
-            origin=capture.before if self.at == "before" else None,
-            max_evals=self.max_evals,
-            mode=self.mode,
-        )
+        objective = self._probe_objective()
+        grow = self.probe_target > 0 and len(objective.batches) > 1
+        used = 1 if grow else len(objective.batches)
+        probe = self._objective(objective.batches[:used]) if grow else objective
+        result = self._search(probe, capture, self.last, capture.lr)
+        evals = result.evals
+        while grow and used < len(objective.batches) and result.ok \
+                and not result.stderr <= self.probe_target * result.sharpness:
+            # Without per-example losses there is no standard error to aim at: all of them.
+            used = len(objective.batches) if math.isnan(result.stderr) else min(2 * used, len(objective.batches))
+            probe = self._objective(objective.batches[:used])
+            result = self._search(probe, capture, result, capture.lr)
+            evals += result.evals
+        result.evals = evals
         capture.before = None  # free the copy
         self.last = result
         self.measurements += 1
         metrics = result.as_metrics()
         metrics[LR_OVER_ETA_C] = capture.lr / result.eta if result.eta > 0 else math.nan
+        if grow:
+            metrics[PROBE_BATCHES] = float(used)
+        descent = self._step_descent(capture.direction)
+        if math.isfinite(descent):
+            metrics[DESCENT_STEP] = descent
         self.latest = metrics
         return metrics
+
+    def _step_descent(self, direction: list[torch.Tensor]) -> float:
+        """gᵀd/‖d‖ with g the gradient the step was computed from (``.grad``, after any
+        clipping), NaN when a parameter has no gradient (an optimizer that cleared it)."""
+        grads = [p.grad for p in trainable_parameters(self.model)]
+        if any(g is None for g in grads):
+            return math.nan
+        norm = vec.norm(direction)
+        return vec.dot(grads, direction) / norm if norm > 0 else math.nan
 
     def state_dict(self) -> dict:
         """What resume needs to continue with the same warm start (plain JSON types)."""

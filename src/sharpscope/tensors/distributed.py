@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 import torch
 import torch.distributed as dist
 
@@ -78,3 +80,13 @@ def mean_tensors_(tensors: Sequence[torch.Tensor], group) -> None:
         for t in bucket:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def gather_arrays(arrays: list[np.ndarray] | None, group) -> list[np.ndarray] | None:
+    """Every rank's list of host arrays, concatenated rank-major, on every rank (the list
+    itself when group is None). Sizes may differ between ranks."""
+    if group is None or arrays is None:
+        return arrays
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, arrays, group=group)
+    return [a for part in gathered for a in part]

@@ -30,11 +30,12 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import fsdp
-from .distributed import mean_floats, mean_tensors_, rank, resolve_group, world_size
+from .distributed import gather_arrays, mean_floats, mean_tensors_, rank, resolve_group, world_size
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -97,7 +98,8 @@ class Objective:
         process_group=None,
     ):
         if not callable(loss_fn):
-            raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> 0-dim tensor")
+            raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> 0-dim tensor "
+                            "(or 1-D per-example losses)")
         self.model = model
         self.loss_fn = loss_fn
         self.batches = as_batch_list(batches)
@@ -116,6 +118,7 @@ class Objective:
         # global batch (this assumes every rank holds the same number of batches).
         self._seed_base = self.seed + rank(self.group) * len(self.batches)
         self.calls = 0
+        self.examples: list[np.ndarray] | None = None
 
     @contextlib.contextmanager
     def _context(self, index: int, second_order: bool):
@@ -137,16 +140,24 @@ class Objective:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             yield
 
-    def loss(self, index: int, *, second_order: bool = False) -> torch.Tensor:
-        """The differentiable loss of batch ``index`` (local to this rank)."""
+    def _output(self, index: int, second_order: bool) -> torch.Tensor:
+        """What ``loss_fn`` returns for batch ``index``: a 0-dim loss or a 1-D tensor of
+        per-example losses, in full precision."""
         with self._context(index, second_order):
             out = self.loss_fn(self.model, self.batches[index])
-        if not isinstance(out, torch.Tensor) or out.dim() != 0:
+        if not isinstance(out, torch.Tensor) or out.dim() > 1 or (out.dim() == 1 and out.numel() == 0):
             raise TypeError(
-                "loss_fn must return a 0-dim tensor (the mean loss of the batch), got "
+                "loss_fn must return a 0-dim tensor (the mean loss of the batch) or a 1-D tensor of "
+                "per-example losses, got "
                 + (f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__)
             )
         return full_precision(out)
+
+    def loss(self, index: int, *, second_order: bool = False) -> torch.Tensor:
+        """The differentiable loss of batch ``index`` (local to this rank): the mean of the
+        per-example losses when ``loss_fn`` returns them."""
+        out = self._output(index, second_order)
+        return out.mean() if out.dim() == 1 else out
 
     def batch_mean_(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sums over this rank's batches → the mean over batches and ranks, in place."""
@@ -175,15 +186,32 @@ class Objective:
             return view.shard(self.batch_mean_(self.local_gradient_sum(view.full, second_order=second_order)))
 
     def value(self) -> float:
-        """L(θ) at the model's current parameters, forward passes only (float64 mean)."""
+        """L(θ) at the model's current parameters, forward passes only (float64 mean).
+
+        When ``loss_fn`` returns per-example losses, ``examples`` then holds them for this
+        evaluation: one float64 array per batch, for the batches of every rank (rank-major),
+        so that a statistic over examples (the critical-sharpness bootstrap) sees the whole
+        global batch and is the same on every rank. None when ``loss_fn`` returns a mean.
+        """
         self.calls += 1
         total = 0.0
+        cells: list[np.ndarray] | None = []
         if self.sharded:
             fsdp.reshard(self.model)
         with torch.no_grad():
             for i in range(len(self.batches)):
-                total += float(self.loss(i).double())
+                out = self._output(i, False)
+                if out.dim() == 1 and cells is not None:
+                    values = out.detach().double().cpu().numpy()
+                    cells.append(values)
+                    total += float(values.mean())
+                else:
+                    cells = None
+                    total += float(out.double().mean())
         if self.sharded:
             fsdp.reshard(self.model)
         local = total / len(self.batches)
+        # Every rank must take part in the gather, so the decision is collective too.
+        per_example = mean_floats([float(cells is not None)], self.group)[0] == 1.0
+        self.examples = gather_arrays(cells, self.group) if per_example else None
         return mean_floats([local], self.group)[0]

@@ -119,7 +119,19 @@ class MonitorConfig:
     rtol: float = 0.0625
     """Relative bracket width of the line search."""
     probe_batch_size: int = 16
-    """Sequences in the fixed probe batch (drawn once from the validation split)."""
+    """Sequences in a probe micro-batch (for probe = "fixed": drawn once from the
+    validation split)."""
+    probe: str = "fixed"
+    """Where the loss along the update is measured: "fixed" (probe_batches micro-batches of
+    held-out sequences, the same at every measurement), "step" (the batch the step was
+    computed on) or "next" (the next training batch). See docs/measures.md for the
+    measured comparison."""
+    probe_batches: int = 1
+    """probe = "fixed": micro-batches of probe_batch_size sequences in the probe (a larger
+    probe costs forward passes, not memory)."""
+    probe_target: float = 0.0
+    """probe = "fixed" with several probe_batches: use the fewest micro-batches (doubling
+    from 1) whose standard error of λ_c is at most this fraction of λ_c (0 = use all)."""
     exact_every: int = 0
     """λ_max, trace and (AdamW) preconditioned sharpness every this many steps (0 = off)."""
     lanczos_iters: int = 20

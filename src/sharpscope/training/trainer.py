@@ -39,6 +39,7 @@ from ..runs import METRICS_FILE, RunWriter
 from ..schedules import SCHEDULES, lr_multiplier
 from ..sizes import size_label
 from ..curvature import SharpnessMonitor, exact_references
+from ..curvature.monitor import PROBES
 from ..curvature.agreement import gradient_agreement
 from . import data as data_lib
 from .checkpoint import (gather_full_state, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
@@ -62,6 +63,16 @@ def lm_logits_and_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, tor
 def lm_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     """Mean next-token cross-entropy (nats per token) of a (inputs, targets) batch."""
     return lm_logits_and_loss(model, batch)[1]
+
+
+def lm_sequence_losses(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Per-sequence mean next-token cross-entropy (1-D, one value per row): the monitor's
+    loss, whose mean is :func:`lm_loss` (every row has the same length) and whose rows let
+    the critical-sharpness search report its standard error over the probe's sequences."""
+    x, y = batch
+    logits = model(x)
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+    return per_token.view(y.shape).mean(dim=-1)
 
 
 TOKENIZER_FILE = data_lib.TOKENIZER_FILE
@@ -120,6 +131,14 @@ def _check(config: TrainConfig) -> None:
     for name in ("every", "exact_every"):
         if getattr(config.monitor, name) < 0:
             raise UserError(f"monitor.{name} must be 0 (off) or a positive number of steps")
+    monitor = config.monitor
+    if monitor.probe not in PROBES:
+        raise UserError(f"monitor.probe must be one of {', '.join(PROBES)}, got '{monitor.probe}'")
+    if monitor.probe_batches < 1 or monitor.probe_batch_size < 1:
+        raise UserError("monitor.probe_batches and monitor.probe_batch_size must be at least 1")
+    if not 0 <= monitor.probe_target < math.inf:
+        raise UserError(f"monitor.probe_target must be 0 (off) or a positive fraction such as 0.1, "
+                        f"got {monitor.probe_target}")
     if config.data.batch_size < 1 or config.model.block_size < 2:
         raise UserError("data.batch_size must be >= 1 and model.block_size >= 2")
     if config.data.weights and len(config.data.weights) != len(config.data.sources):
@@ -191,8 +210,9 @@ class Trainer:
         self.sampler = data_lib.BatchSampler(self.sources, batch_size=config.data.batch_size, block_size=block,
                                              weights=weights, seed=config.seed, split="train")
         probe = data_lib.BatchSampler(self.sources, batch_size=config.monitor.probe_batch_size, block_size=block,
-                                      weights=weights, seed=config.seed + 1, split="val").batch_at(0)
-        self.probe_shard = self._shard(probe)  # this rank's share, on the device, for every measurement
+                                      weights=weights, seed=config.seed + 1, split="val")
+        # This rank's share of each probe micro-batch, on the device, for every measurement.
+        self.probe_shards = [self._shard(probe.batch_at(i)) for i in range(config.monitor.probe_batches)]
         val = data_lib.validation_batches(self.sources, batch_size=config.data.batch_size, block_size=block,
                                           n_batches=config.eval.batches, seed=config.seed)
         self.val = {name: [self._to_device(b) for b in batches] for name, batches in val.items()}
@@ -205,9 +225,11 @@ class Trainer:
         self.optimizer = build_optimizer(config.optim, self.model)
         self.monitor = None
         if config.monitor.every > 0:
-            self.monitor = SharpnessMonitor(self.model, lm_loss, self.probe_shard, self.optimizer,
-                                            every=config.monitor.every, method=config.monitor.method,
-                                            rtol=config.monitor.rtol)
+            fixed = config.monitor.probe == "fixed"
+            self.monitor = SharpnessMonitor(self.model, lm_sequence_losses, self.probe_shards if fixed else None,
+                                            self.optimizer, every=config.monitor.every,
+                                            method=config.monitor.method, rtol=config.monitor.rtol,
+                                            probe=config.monitor.probe, probe_target=config.monitor.probe_target)
         self.tokens_per_step = config.data.batch_size * block
         self.start_step = 0
         self.forward_model = self.model  # under FSDP the sharded model itself
@@ -348,7 +370,7 @@ class Trainer:
     def exact_curvature(self) -> dict[str, float]:
         # Every rank takes part (products are all-reduced); the run records these four.
         cfg = self.config.monitor
-        refs = exact_references(self.model, lm_loss, [self.probe_shard], self.optimizer,
+        refs = exact_references(self.model, lm_loss, self.probe_shards, self.optimizer,
                                 lanczos_iters=cfg.lanczos_iters, trace_samples=cfg.trace_samples)
         return {k: refs[k] for k in (LAMBDA_MAX, TRACE_PER_PARAM, PRECONDITIONED, PRECONDITIONED_RATIO) if k in refs}
 
@@ -463,9 +485,23 @@ class Trainer:
             # norm clip_grad_norm_ reduces over the mesh).
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self._parameters, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-            with self.monitor.around_step(step) if self.monitor is not None else nullcontext():
+            with self.monitor.around_step(step, self._probe_for(step, batch)) if self.monitor is not None \
+                    else nullcontext():
                 self.optimizer.step()
         return StepResult(step + 1, lr, global_loss, grad_norm, skipped, logged)
+
+    def _probe_for(self, step: int, batch):
+        """The monitor's probe for ``probe = "step"`` (this step's batch) or ``"next"`` (the
+        batch the next step will read, recomputed from the sampler's position: reading it
+        here changes nothing about training); None when the probe is fixed or not due."""
+        probe = self.config.monitor.probe
+        if probe == "fixed" or not (self.monitor.due(step) or self.monitor.deferred_from is not None):
+            return None
+        if probe == "step" and batch is not None:
+            return batch
+        # Nexus reads micro-batches of its own; its steps are probed on the main sampler's batches.
+        position = self.sampler.position - (1 if probe == "step" else 0)
+        return self._shard(self.sampler.batch_at(position))
 
     def _nexus_micro_batch(self, step: int, k: int):
         """Inner micro-batch ``k`` of outer step ``step``: a pure function of (seed, step, k),
