@@ -58,8 +58,9 @@ class BootstrapSpread:
 
 def _half_68(values: np.ndarray) -> float:
     """Half the width of the central 68% of ``values`` (which may hold ±inf)."""
-    lo, hi = np.quantile(np.sort(values), [_LOW, _HIGH])
-    width = 0.5 * (hi - lo)
+    with np.errstate(invalid="ignore"):  # inf − inf between infinite order statistics
+        lo, hi = np.quantile(np.sort(values), [_LOW, _HIGH])
+        width = 0.5 * (hi - lo)
     return float(width) if math.isfinite(width) else math.inf
 
 

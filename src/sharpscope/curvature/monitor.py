@@ -155,8 +155,9 @@ class SharpnessMonitor:
     whose mean loss is the objective: a larger probe costs time, not memory); "step" and
     "next" on the ``batch`` passed to :meth:`around_step` (the step's own batch, or the
     next training batch). ``probe_target`` > 0 grows a probe of several micro-batches:
-    the search starts on the first and doubles the micro-batches (warm-started) until
-    the relative standard error of λ_c is at most the target or all are used.
+    the search starts on the first and doubles the micro-batches (warm-started) until a
+    search succeeds with a relative standard error of λ_c at most the target, or all are
+    used.
     """
 
     def __init__(
@@ -358,12 +359,13 @@ class SharpnessMonitor:
         probe = self._objective(objective.batches[:used]) if grow else objective
         result = self._search(probe, capture, self.last, capture.lr)
         evals = result.evals
-        while grow and used < len(objective.batches) and result.ok \
-                and not result.stderr <= self.probe_target * result.sharpness:
+        # A failed search on a small probe is where a larger one helps most: grow then too.
+        while grow and used < len(objective.batches) \
+                and not (result.ok and result.stderr <= self.probe_target * result.sharpness):
             # Without per-example losses there is no standard error to aim at: all of them.
             used = len(objective.batches) if math.isnan(result.stderr) else min(2 * used, len(objective.batches))
             probe = self._objective(objective.batches[:used])
-            result = self._search(probe, capture, result, capture.lr)
+            result = self._search(probe, capture, result if result.ok else self.last, capture.lr)
             evals += result.evals
         result.evals = evals
         capture.before = None  # free the copy
