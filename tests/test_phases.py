@@ -323,3 +323,33 @@ def test_final_value_statistics():
     assert final_value(v, statistic="median") == pytest.approx(np.median(tail))
     with pytest.raises(ValueError):
         final_value(v, statistic="mode")
+
+
+# --------------------------------------------------------------------------- η-space reading
+
+def test_reciprocal_reads_the_shape_of_two_over_eta():
+    # a clean three-phase λ curve, handed to the detector as η = 2/λ
+    lam = three_phase()
+    r = detect(T, 2.0 / lam, reciprocal=2.0)
+    assert r.preserved, r.reason
+    assert r.t_peak == pytest.approx(0.15, abs=0.03)
+    assert r.peak == pytest.approx(2.0, abs=0.1) and r.plateau == pytest.approx(lam[T >= 0.8].min(), rel=0.05)
+
+
+def test_reciprocal_counts_eta_zero_and_is_not_moved_by_spikes():
+    lam = three_phase()
+    eta = 2.0 / lam
+    rng = np.random.default_rng(1)
+    spiky = eta.copy()
+    hit = rng.choice(np.arange(10, 200), 12, replace=False)
+    spiky[hit[:6]] = 1e-7   # λ_c spikes of 2·10⁷
+    spiky[hit[6:]] = 0.0    # not_descent: a reading, not missing
+    r = detect(T, spiky, reciprocal=2.0)
+    assert r.decidable and r.preserved, r.reason
+    assert r.peak == pytest.approx(2.0, rel=0.1)  # the smoothed η sets the peak, not a 2·10⁷ spike
+
+
+def test_reciprocal_still_decaying_has_no_plateau():
+    lam = np.where(T < 0.15, 1.0 + T / 0.15, 2.0 - 0.9 * (T - 0.15) / 0.85)  # falls to the very end
+    r = detect(T, 2.0 / lam, reciprocal=2.0)
+    assert not r.preserved and "no plateau" in r.reason

@@ -8,6 +8,7 @@ import json
 import re
 from html.parser import HTMLParser
 
+import matplotlib.legend
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
@@ -151,3 +152,78 @@ def test_scales_only_extrapolates_to_defaults(scales_only):
     rows = scales_only.analysis.tables["extrapolation"]
     assert [r["n_params"] for r in rows] == [13e9, 30e9, 70e9]
     assert all(np.isnan(r["observed"]) for r in rows)
+
+
+# --- figures of line-search critical sharpness: structure, not pixels ---------------------
+
+def _line_search_run(root, name, n_params, scale, *, not_descent=(), spike=None, n=40):
+    """A run as the trainer writes it: λ_c rising tenfold over training at lr 1e-3, a spike
+    (η_c near 0⁺) and uphill updates (not_descent: null λ_c and η_c)."""
+    from sharpscope.runs import write_run
+    rows = []
+    for i in range(n):
+        t = i / (n - 1)
+        lam = scale * (1 + 9 * t)
+        row = {"step": i + 1, "t": t, "lr": 1e-3, "sharpness/evals": 5.0, "train/loss": 3 - t}
+        if i in not_descent:
+            row.update({"sharpness/critical": None, "sharpness/eta_c": None, "sharpness/failed/not_descent": 1.0})
+        else:
+            lam = 1000 * lam if i == spike else lam
+            row.update({"sharpness/critical": lam, "sharpness/eta_c": 2 / lam})
+        rows.append(row)
+    write_run(root / name, {"name": name, "n_params": n_params, "source": "measured", "group": "scales"}, rows)
+    return root / name
+
+
+def _gids(ax, gid):
+    return [a for a in ax.get_children() if a.get_gid() == gid]
+
+
+def test_run_figure_has_stability_line_not_descent_marks_and_log_axis(tmp_path):
+    import matplotlib.pyplot as plt
+    from sharpscope.analysis.summaries import AnalysisOptions, summarize_run
+    from sharpscope.report.figures import run_figure
+    from sharpscope.runs import read_run
+    path = _line_search_run(tmp_path, "r", 1e4, 10.0, not_descent=(5, 17, 30), spike=20)
+    r = summarize_run(read_run(path), AnalysisOptions())
+    fig = run_figure(r, "r", "sharpness/critical")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"  # λ_c 10..100 and 2/lr = 2000: more than a decade
+    (line,) = _gids(ax, "stability-line")
+    assert np.allclose(line.get_ydata(), 2 / 1e-3)
+    (marks,) = _gids(ax, "not_descent")
+    assert np.allclose(marks.get_xdata(), r.eta.t[[5, 17, 30]])
+    assert len(_gids(ax, "smoothed")) == 1 and len(_gids(ax, "interval")) == 1 and len(_gids(ax, "raw")) == 1
+    plt.close(fig)
+
+
+def test_narrow_span_keeps_a_linear_axis(tmp_path):
+    import matplotlib.pyplot as plt
+    from sharpscope.analysis.summaries import AnalysisOptions, summarize_run
+    from sharpscope.report.curves import scale_axis, trajectory
+    from sharpscope.runs import read_run
+    path = _line_search_run(tmp_path, "flat", 1e4, 10.0, n=20)
+    r = summarize_run(read_run(path), AnalysisOptions())
+    fig, ax = plt.subplots()
+    scale_axis(ax, trajectory(ax, r, color="C0"))  # 10..100 without the 2/lr line: one decade
+    assert ax.get_yscale() == "linear" and not _gids(ax, "not_descent")
+    plt.close(fig)
+
+
+def test_central_figure_of_a_measured_ladder(tmp_path):
+    import matplotlib.pyplot as plt
+    from sharpscope.analysis.runset import analyze_any
+    from sharpscope.report.figures import trajectories
+    from sharpscope.runs import read_study
+    for k, n in enumerate((1e4, 3e4, 1e5)):
+        _line_search_run(tmp_path / "runs", f"m{k}", n, 10.0 * (k + 1), not_descent=(10 + k,), spike=25)
+    a = analyze_any(read_study(tmp_path / "runs"))
+    assert a.kind == "study"
+    fig = trajectories(a)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    assert len(_gids(ax, "stability-line")) == 3 and len(_gids(ax, "smoothed")) == 3
+    assert sum(m.get_xdata().size for m in _gids(ax, "not_descent")) == 3
+    labels = [t.get_text() for legend in ax.findobj(matplotlib.legend.Legend) for t in legend.get_texts()]
+    assert "10K params" in " ".join(labels) and any("not_descent" in x for x in labels)
+    plt.close(fig)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .summaries import RunSummary, StudyAnalysis, by_model, model_means
+from .summaries import RunSummary, StudyAnalysis, by_model, model_means, model_sharpness, sharpness_mean
 from .verdicts import (FAILS, HOLDS, UNCLEAR, Claim, fmt, fmt_p, fraction_verdict, partial_r, pearson_test,
                        signed_verdict, slope_test)
 
@@ -42,7 +42,8 @@ class Scales:
     def of(cls, a: StudyAnalysis) -> "Scales":
         models = by_model(a.scale_runs())
         return cls(a, models, [r for g in models for r in g], np.log10([g[0].run.n_params for g in models]),
-                   model_means(models, lambda r: r.final), model_means(models, lambda r: r.peak), schedule_cells(a))
+                   model_sharpness(models, lambda r: r.final), model_sharpness(models, lambda r: r.peak),
+                   schedule_cells(a))
 
     def means(self, attr: Callable[[RunSummary], float]) -> np.ndarray:
         return model_means(self.models, attr)
@@ -216,10 +217,10 @@ def schedule_cells(a: StudyAnalysis) -> dict[str, dict[str, Any]]:
     """Per (schedule, relative scale): three-phase fraction, spikes and final / cosine's final."""
     runs = a.group("schedules")
     sizes = sorted({r.run.n_params for r in runs})
-    cosine: dict[float, list[float]] = {}
+    cosine: dict[float, list[RunSummary]] = {}
     for r in runs:
         if r.run.config.get("schedule") == "cosine":
-            cosine.setdefault(r.run.n_params, []).append(r.final)
+            cosine.setdefault(r.run.n_params, []).append(r)
     cells: dict[str, dict[str, Any]] = {}
     for r in runs:
         name, scale = str(r.run.config.get("schedule", "")), _scale_rank(r.run.n_params, sizes)
@@ -228,7 +229,7 @@ def schedule_cells(a: StudyAnalysis) -> dict[str, dict[str, Any]]:
         c["preserved"].append(bool(r.phases.preserved) if r.phases.decidable else None)
         c["spikes"].append(int(r.phases.n_spikes) if r.phases.decidable else None)
         base = cosine.get(r.run.n_params)
-        c["ratio"].append(r.final / float(np.mean(base)) if base else math.nan)
+        c["ratio"].append(r.final / sharpness_mean(base, lambda b: b.final) if base else math.nan)
     for c in cells.values():  # None: no run of the cell was decidable (too many failed measurements)
         known = [v for v in c["preserved"] if v is not None]
         c["preserved"] = float(np.mean(known)) if known else None

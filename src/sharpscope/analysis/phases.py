@@ -83,6 +83,15 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return uniform_filter1d(median_filter(values, size=window, mode="nearest"), size=window, mode="nearest")
 
 
+def _reciprocal_map(eta: np.ndarray, c: float):
+    """x -> c/x for the detector's η statistics. A statistic of 0 (a window of mostly
+    uphill updates) maps to c / (10⁻³ of the smallest positive η) rather than +inf, so
+    that the thresholds stay finite arithmetic."""
+    positive = eta[eta > 0]
+    floor = 1e-3 * (float(positive.min()) if positive.size else 1.0)
+    return lambda x: c / np.maximum(np.asarray(x, dtype=float), floor)
+
+
 @dataclass
 class PhaseResult:
     preserved: bool
@@ -104,8 +113,15 @@ class PhaseResult:
 def detect_three_phase(t, values, *, smooth_fraction: float = 0.05, edge: float = 0.02,
                        latest_peak: float = 0.6, min_rise: float = 0.1, min_drop: float = 0.25,
                        plateau_window: float = 0.2, flat_tol: float = 0.25, trend_tol: float = 0.15,
-                       min_points: int = MIN_POINTS, max_missing: float = 0.2) -> PhaseResult:
-    """Decide whether ``values`` over ``t`` show rise -> decay -> plateau (see module doc)."""
+                       min_points: int = MIN_POINTS, max_missing: float = 0.2,
+                       reciprocal: float | None = None) -> PhaseResult:
+    """Decide whether ``values`` over ``t`` show rise -> decay -> plateau (see module doc).
+
+    ``reciprocal=c``: ``values`` are η (the critical learning rate) and the shape is read
+    in c/η (critical sharpness, c = 2). Every statistic is taken on η (the smoothing, the
+    plateau's median, the trend fit), where a near-zero η is a small number rather than a
+    spike, and then mapped to c/η for the thresholds; η = 0 (an uphill update) is a
+    reading, +inf and NaN are missing."""
     t = np.asarray(t, dtype=float)
     v = np.asarray(values, dtype=float)
     if t.shape != v.shape:
@@ -124,12 +140,15 @@ def detect_three_phase(t, values, *, smooth_fraction: float = 0.05, edge: float 
         return PhaseResult(False, "all points share one t")
     u = (t / t_scale - t[0] / t_scale) / span
     sm = smooth(v, round(smooth_fraction * v.size))
+    if reciprocal is not None:
+        to_s = _reciprocal_map(v, reciprocal)
+        sm = to_s(sm)
     i_peak = int(np.argmax(sm))
     peak, start = float(sm[i_peak]), float(sm[0])
     scale = abs(peak) if peak != 0 else 1.0
     res = PhaseResult(False, "", t_peak=float(t[i_peak]), peak=peak, start=start)
     window = u >= 1 - plateau_window
-    res.plateau = float(np.median(v[window]))
+    res.plateau = float(np.median(v[window]) if reciprocal is None else to_s(np.median(v[window])))
     if u[i_peak] < edge:
         res.reason = "peak at the start: no rise"
         return res
@@ -164,6 +183,10 @@ def detect_three_phase(t, values, *, smooth_fraction: float = 0.05, edge: float 
         resid = vw - (slope * tw + icept)
         se = float(np.sqrt(max(cov[0, 0], 0.0) * float(resid @ resid) / dof))
         trend = max(0.0, abs(slope) - 2.0 * se) * np.ptp(tw)
+        if reciprocal is not None:  # the fitted η line's change across the window, as c/η
+            shrunk = np.sign(slope) * trend / np.ptp(tw)
+            ends = np.mean(vw) + shrunk * (np.array([tw.min(), tw.max()]) - np.mean(tw))
+            trend = float(abs(np.diff(to_s(ends))[0]))
         if trend > trend_tol * gap:
             res.reason = f"no plateau: still trending by {trend / gap:.2f} of the drop over the last window"
             return res

@@ -172,7 +172,7 @@ def phase_verdict(r: RunSummary) -> str:
     read a shape at all)."""
     if r.phases.preserved:
         return "yes"
-    if not r.phases.decidable or int(np.isfinite(r.sharpness).sum()) < MIN_POINTS:
+    if not r.phases.decidable or r.measured_points < MIN_POINTS:
         return "undecidable"
     return "no"
 

@@ -26,7 +26,7 @@ from .claims import evaluate_claims
 from .fits import ScalingLaw, line_fit, pearson
 from .phases import final_value
 from .summaries import (MEASURES, AnalysisOptions, RunSummary, StudyAnalysis, by_model, finite_mean, model_means,
-                        summarize_run)
+                        model_sharpness, sharpness_mean, summarize_run)
 from ..metrics import EVALS, EVAL_LOSS, LAMBDA_MAX, LR_OVER_ETA_C
 
 DEFAULT_EXTRAPOLATION = (13e9, 30e9, 70e9)
@@ -78,7 +78,7 @@ def _sizes(models: list[list[RunSummary]]) -> np.ndarray:
 
 
 def _finals(models: list[list[RunSummary]]) -> np.ndarray:
-    return model_means(models, lambda r: r.final)
+    return model_sharpness(models, lambda r: r.final)
 
 
 def _head(g: list[RunSummary]) -> dict[str, Any]:
@@ -99,7 +99,9 @@ def _std(values) -> float:
 def _measure_finals(models: list[list[RunSummary]]) -> dict[str, np.ndarray]:
     """Mean final value per model of each measure that every scale run logs."""
     names = [m for m in MEASURES if all(m in r.measure_finals for g in models for r in g)]
-    return {m: model_means(models, lambda r, m=m: r.measure_finals[m]) for m in names}
+    # critical sharpness of line-search runs is averaged over seeds on η, as its final is
+    return {m: (model_sharpness if m == "critical" else model_means)(models, lambda r, m=m: r.measure_finals[m])
+            for m in names}
 
 
 # --- the tables -------------------------------------------------------------------------
@@ -108,7 +110,8 @@ def table_scales(a: StudyAnalysis) -> Rows:
     rows = []
     for g in _models(a):
         row = {**_head(g), "n_runs": len(g),
-               "peak_sharpness": finite_mean(r.peak for r in g), "final_sharpness": finite_mean(r.final for r in g),
+               "peak_sharpness": sharpness_mean(g, lambda r: r.peak),
+               "final_sharpness": sharpness_mean(g, lambda r: r.final),
                "final_loss": finite_mean(r.final_loss for r in g),
                "mean_accuracy": finite_mean(r.mean_accuracy for r in g),
                "peak_to_plateau": finite_mean(r.peak / r.final for r in g)}
@@ -131,7 +134,8 @@ def table_downstream(a: StudyAnalysis) -> Rows:
     models = _models(a)
     tasks = sorted({k for g in models for r in g for k in r.accuracy})
     return [{**_head(g), **{task: finite_mean(r.accuracy.get(task, np.nan) for r in g) for task in tasks},
-             "mean_accuracy": finite_mean(r.mean_accuracy for r in g), "final_sharpness": finite_mean(r.final for r in g)}
+             "mean_accuracy": finite_mean(r.mean_accuracy for r in g),
+             "final_sharpness": sharpness_mean(g, lambda r: r.final)}
             for g in models] if tasks else []
 
 
@@ -141,7 +145,7 @@ def table_correlations(a: StudyAnalysis) -> Rows:
 
 
 def table_phases(a: StudyAnalysis) -> Rows:
-    return [{**_head(g), **{f"phase{i + 1}": finite_mean(r.phase_means[i] for r in g) for i in range(3)},
+    return [{**_head(g), **{f"phase{i + 1}": sharpness_mean(g, lambda r, i=i: r.phase_means[i]) for i in range(3)},
              "t_peak": finite_mean(r.phases.t_peak for r in g), "t_plateau": finite_mean(r.phases.t_plateau for r in g),
              "peak_to_plateau": finite_mean(r.peak / r.final for r in g), "three_phase": _three_phase(g),
              "reason": "; ".join(sorted({r.phases.reason for r in g if r.phases.reason}))}
@@ -209,7 +213,7 @@ def table_extrapolation(a: StudyAnalysis) -> Rows:
     else at the sizes asked for."""
     extra_models = by_model(a.group("extrapolation"))
     targets = [g[0].run.n_params for g in extra_models] or list(a.options.extrapolate or DEFAULT_EXTRAPOLATION)
-    observed = {g[0].run.n_params: (g[0].run.model, finite_mean(r.final for r in g)) for g in extra_models}
+    observed = {g[0].run.n_params: (g[0].run.model, sharpness_mean(g, lambda r: r.final)) for g in extra_models}
     rows = []
     for pred in a.scaling.predict(targets):
         model, obs = observed.get(pred["n_params"], (size_label(pred["n_params"]), float("nan")))

@@ -17,8 +17,11 @@ import numpy as np
 
 from ..errors import UserError
 from ..runs import Run
+from .etaspace import (OK, SHARPNESS_PER_ETA, EtaSeries, eta_series, final_sharpness,
+                       peak_sharpness, to_sharpness, window_sharpness, windows_sharpness)
 from .fits import ScalingLaw, pearson
-from .phases import PhaseResult, detect_three_phase, early_mean, final_value, peak_value, phase_means
+from .phases import (PHASE_WINDOWS, TAIL_FRACTION, PhaseResult, detect_three_phase, early_mean, final_value,
+                     peak_value, phase_means)
 from ..metrics import (ACC_PREFIX, CRITICAL, EVAL_LOSS, EVAL_PREFIX, FAILED_PREFIX, LAMBDA_MAX,
                        TRACE_PER_PARAM, TRAIN_GRAD_NORM, TRAIN_LOSS, TWO_OVER_LR)
 
@@ -42,7 +45,11 @@ class AnalysisOptions:
     early_horizons: tuple[float, ...] = (0.1, 0.2)
     final_statistic: str = "mean"
     """How the final window (last 10% of points) is summarised: "mean" (the simulated
-    study's definition) or "median" (robust to the heavy tails of measured λ_c)."""
+    study's definition) or "median" (robust to the heavy tails of measured λ_c). For a
+    line-search run it is the statistic of η_c over the window, reported as 2/η."""
+    eta_space: bool = True
+    """Summarise line-search critical sharpness on η_c (:mod:`.etaspace`); False reads λ_c
+    directly, as earlier versions did (kept to compare the two readings)."""
 
 
 @dataclass
@@ -74,6 +81,15 @@ class RunSummary:
     """Share of the sharpness measurements that are null (no bracket found)."""
     failed_reasons: dict[str, int] = field(default_factory=dict)
     """Count per ``sharpness/failed/<status>`` key."""
+    eta: EtaSeries | None = None
+    """The η_c series when the metric is line-search critical sharpness read in η-space
+    (:mod:`.etaspace`): then every summary above is 2/statistic(η_c), not_descent counts as
+    η_c = 0, and ``sharpness`` still holds the logged λ_c (NaN on failures) for display."""
+
+    @property
+    def measured_points(self) -> int:
+        """Measurements the statistics read: finite λ, or finite η_c (with not_descent)."""
+        return int(self.eta.used.sum() if self.eta is not None else np.isfinite(self.sharpness).sum())
 
     @property
     def mean_accuracy(self) -> float:
@@ -118,6 +134,43 @@ def lr_series(run: Run) -> tuple[np.ndarray, np.ndarray]:
         return t_two, np.where(two_over_lr > 0, 2.0 / two_over_lr, np.nan)
 
 
+def _eta_edge(eta: EtaSeries, t_lr: np.ndarray, lr: np.ndarray) -> tuple[float, float]:
+    """(median lr/η_c, fraction above 1) over t ≥ STABILITY_FROM: the edge ratio λ_c·lr/2
+    with an uphill update (η_c = 0) counted as past the edge."""
+    _, i_e, i_lr = np.intersect1d(eta.t, t_lr, return_indices=True)
+    e, step = eta.eta[i_e], lr[i_lr]
+    keep = (eta.t[i_e] >= STABILITY_FROM) & np.isfinite(e) & np.isfinite(step)
+    if not keep.any():
+        return float("nan"), float("nan")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(e[keep] > 0, step[keep] / np.where(e[keep] > 0, e[keep], 1.0), np.inf)
+    return float(np.median(ratio)), float(np.mean(ratio > 1.0))
+
+
+def _eta_correlation(eta: EtaSeries, t_b: np.ndarray, b: np.ndarray) -> float:
+    """r(sharpness, b) read as −r(η_c, b): Pearson r in the space the measurement lives in
+    (not_descent at η_c = 0, a near-zero η_c a small number rather than a spike), signed
+    so that a positive value still means sharpness rises with b."""
+    used = eta.used
+    r = _correlation(eta.t[used], eta.eta[used], t_b, b)
+    return -r if np.isfinite(r) else r
+
+
+def _eta_summary(eta: EtaSeries, opts: AnalysisOptions) -> dict[str, Any]:
+    """The summaries of a line-search run, taken on η_c (see :mod:`.etaspace`)."""
+    used = eta.used
+    t, v = eta.t[used], eta.eta[used]
+    stat = opts.final_statistic
+    failed = eta.status != OK
+    return {
+        "peak": peak_sharpness(v, TAIL_FRACTION, stat), "final": final_sharpness(v, TAIL_FRACTION, stat),
+        "phases": detect_three_phase(eta.t, eta.eta, reciprocal=SHARPNESS_PER_ETA),
+        "phase_means": windows_sharpness(t, v, PHASE_WINDOWS),
+        "early": {h: window_sharpness(v[t <= h + 1e-12]) for h in opts.early_horizons},
+        "failed_share": float(np.mean(failed)) if eta.t.size else float("nan"),
+    }
+
+
 def summarize_run(run: Run, opts: AnalysisOptions, *, require_metric: bool = True) -> RunSummary:
     """Everything the analysis needs of one run. ``require_metric=False`` reads a run that
     never logs the metric too (a run report shows its losses); its sharpness is then empty."""
@@ -132,25 +185,38 @@ def summarize_run(run: Run, opts: AnalysisOptions, *, require_metric: bool = Tru
     t_grad, grad = run.series(TRAIN_GRAD_NORM)
     val_losses = {k.split("/")[1]: run.last(k) for k in sorted(run.keys())
                   if k.startswith(EVAL_PREFIX) and k.endswith("/loss") and k.count("/") == 2}
-    edge_ratio, frac_above = _edge_of_stability(t, s, *lr_series(run))
+    eta = eta_series(run) if opts.eta_space and opts.metric == CRITICAL else None
+    if eta is not None:
+        summary = _eta_summary(eta, opts)
+        edge_ratio, frac_above = _eta_edge(eta, *lr_series(run))
+        r_loss, r_grad = _eta_correlation(eta, t_loss, loss), _eta_correlation(eta, t_grad, grad)
+    else:
+        summary = {"peak": peak_value(s), "final": final_value(s, statistic=opts.final_statistic),
+                   "phases": detect_three_phase(t, s), "phase_means": phase_means(t, s),
+                   "early": {h: early_mean(t, s, h) for h in opts.early_horizons},
+                   "failed_share": float(np.mean(~np.isfinite(s))) if s.size else float("nan")}
+        edge_ratio, frac_above = _edge_of_stability(t, s, *lr_series(run))
+        r_loss, r_grad = _correlation(t, s, t_loss, loss), _correlation(t, s, t_grad, grad)
     measure_finals, measure_r = {}, {}
     for name, key in MEASURES.items():
         t_m, values = (t, s) if key == opts.metric else run.series(key)
         if values.size:
-            measure_finals[name] = final_value(values, statistic=opts.final_statistic)
-            measure_r[name] = _correlation(t, s, t_m, values)
+            if key == opts.metric:
+                measure_finals[name] = summary["final"]
+            else:
+                measure_finals[name] = final_value(values, statistic=opts.final_statistic)
+            same = key == opts.metric or eta is None
+            measure_r[name] = _correlation(t, s, t_m, values) if same else _eta_correlation(eta, t_m, values)
     return RunSummary(
-        run=run, t=t, sharpness=s, peak=peak_value(s), final=final_value(s, statistic=opts.final_statistic),
+        run=run, t=t, sharpness=s, peak=summary["peak"], final=summary["final"],
         final_loss=final_value(loss) if loss.size else float("nan"), accuracy=_accuracy_tasks(run),
-        phases=detect_three_phase(t, s), phase_means=phase_means(t, s),
-        r_loss=_correlation(t, s, t_loss, loss), r_grad=_correlation(t, s, t_grad, grad),
-        measure_finals=measure_finals, measure_r=measure_r,
-        early={h: early_mean(t, s, h) for h in opts.early_horizons},
+        phases=summary["phases"], phase_means=summary["phase_means"],
+        r_loss=r_loss, r_grad=r_grad, measure_finals=measure_finals, measure_r=measure_r,
+        early=summary["early"],
         final_val_loss=run.last(EVAL_LOSS), val_losses={k: v for k, v in val_losses.items() if math.isfinite(v)},
-        edge_ratio=edge_ratio, frac_above_edge=frac_above,
-        failed_share=float(np.mean(~np.isfinite(s))) if s.size else float("nan"),
+        edge_ratio=edge_ratio, frac_above_edge=frac_above, failed_share=summary["failed_share"],
         failed_reasons={k.rsplit("/", 1)[1]: int(np.nansum(run.series(k)[1])) for k in sorted(run.keys())
-                        if k.startswith(FAILED_PREFIX)})
+                        if k.startswith(FAILED_PREFIX)}, eta=eta)
 
 
 def by_model(runs: list[RunSummary]) -> list[list[RunSummary]]:
@@ -171,6 +237,25 @@ def finite_mean(values: Iterable[float | None]) -> float:
 def model_means(models: list[list[RunSummary]], attr: Callable[[RunSummary], float]) -> np.ndarray:
     """``attr`` averaged over each model's runs (:func:`finite_mean`), one value per model."""
     return np.array([finite_mean(attr(r) for r in g) for g in models])
+
+
+def sharpness_mean(runs: Iterable[RunSummary], attr: Callable[[RunSummary], float]) -> float:
+    """A critical-sharpness summary (final, peak) averaged over runs (seeds): for
+    line-search runs on η, 2 / mean(2/λ) (the harmonic mean), as each run's own summary is;
+    otherwise :func:`finite_mean`. An infinite λ (a window of uphill updates) counts as
+    η = 0."""
+    runs = list(runs)
+    values = [attr(r) for r in runs]
+    if not runs or any(r.eta is None for r in runs):
+        return finite_mean(values)
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    return window_sharpness(to_sharpness(v)) if v.size else float("nan")
+
+
+def model_sharpness(models: list[list[RunSummary]], attr: Callable[[RunSummary], float]) -> np.ndarray:
+    """:func:`sharpness_mean` of ``attr`` per model, one value per model."""
+    return np.array([sharpness_mean(g, attr) for g in models])
 
 
 @dataclass

@@ -16,10 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..analysis.runset import ordered, phase_verdict, run_keys, run_labels  # noqa: E402
-from ..analysis.summaries import MEASURES, StudyAnalysis, by_model, lr_series  # noqa: E402
+from ..analysis.summaries import MEASURES, StudyAnalysis, by_model  # noqa: E402
+from ..sizes import size_label  # noqa: E402
+from .curves import (LOSS_LABEL, STABILITY_LINES, T_LABEL, marks_present, scale_axis, sharpness_label,  # noqa: E402
+                     stability_line, style_legend, trajectory)
 from .png import atomic_write_png  # noqa: E402
-from ..metrics import (CRITICAL, EVAL_LOSS, LAMBDA_MAX, PRECONDITIONED, TRACE_PER_PARAM, TRAIN_GRAD_NORM,
-                       TRAIN_LOSS, TWO_OVER_LR)
+from ..metrics import (CRITICAL, DESCENT_PROBE, DESCENT_STEP, EVAL_LOSS, LAMBDA_MAX, PRECONDITIONED,
+                       TRACE_PER_PARAM, TRAIN_GRAD_NORM, TRAIN_LOSS)
 
 DPI = 90
 
@@ -31,7 +34,7 @@ def _colors(n: int):
 def _legend(ax, **kw):
     handles, _ = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(fontsize=8, **kw)
+        ax.legend(**{"fontsize": 8, **kw})
 
 
 def _size_axis(ax, ylabel: str) -> None:
@@ -41,18 +44,47 @@ def _size_axis(ax, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
 
 
+def _size_name(g) -> str:
+    """A model's legend entry: its label and its size in parameters."""
+    r = g[0].run
+    size = f"{size_label(r.n_params)} params"
+    seeds = f", {len(g)} seeds" if len(g) > 1 else ""
+    return f"{size}{seeds}" if r.model in (size_label(r.n_params), size) else f"{r.model} ({size}{seeds})"
+
+
+def sharpness_by_group(ax, groups, names, colors, a: StudyAnalysis, *, title: str, own_lines: bool = False) -> None:
+    """Runs in groups (sizes, schedules) on one axis: per run its trajectory (curves.py)
+    in its group's colour and its stability line (black, or the group's colour when
+    ``own_lines``: schedules differ in exactly that line), a legend of the groups and one
+    of the marks."""
+    metric = a.options.metric
+    shown, lines = [], []
+    row = 0
+    for color, g, name in zip(colors, groups, names):
+        for i, r in enumerate(g):
+            shown.append(trajectory(ax, r, color=color, label=name if i == 0 else None,
+                                    statistic=a.options.final_statistic, row=row))
+            lines.append(stability_line(ax, r.run, metric, color=color if own_lines else "k", label="_stability"))
+            row += 1
+    scale_axis(ax, *shown, *lines)
+    nd, failed = marks_present([r for g in groups for r in g])
+    has_line = any(v.size for v in lines)
+    style_legend(ax, stability=STABILITY_LINES[metric][1] if has_line else None, has_not_descent=nd,
+                 has_failed=failed, eta_space=any(r.eta is not None for g in groups for r in g))
+    handles = [h for h, lab in zip(*ax.get_legend_handles_labels()) if not lab.startswith("_")]
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="upper left", framealpha=0.85)
+    ax.set_xlabel(T_LABEL)
+    ax.set_ylabel(sharpness_label(metric))
+    ax.set_title(title, fontsize=10)
+
+
 def trajectories(a: StudyAnalysis):
+    """The central figure: sharpness over training at each size."""
     models = by_model(a.scale_runs())
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for color, g in zip(_colors(len(models)), models):
-        r = g[0]
-        ax.plot(r.t, r.sharpness, color=color, lw=1.1, label=f"{r.run.model}")
-        if np.isfinite(r.phases.t_peak):
-            ax.axvline(r.phases.t_peak, color=color, lw=0.6, ls=":")
-    ax.set_xlabel("training progress t")
-    ax.set_ylabel(a.options.metric)
-    ax.set_title("Sharpness trajectories by scale (dotted: detected peak)")
-    _legend(ax, ncol=2)
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    sharpness_by_group(ax, models, [_size_name(g) for g in models], _colors(len(models)), a,
+                       title="Sharpness over training by model size")
     return fig
 
 
@@ -63,13 +95,13 @@ def loss(a: StudyAnalysis):
     for color, g in zip(_colors(len(models)), models):
         t, v = g[0].run.series(TRAIN_LOSS)
         if v.size:
-            ax.plot(t, v, color=color, lw=1.1, label=g[0].run.model)
+            ax.plot(t, v, color=color, lw=1.1, label=_size_name(g))
             shown = True
     if not shown:
         plt.close(fig)
         return None
-    ax.set_xlabel("training progress t")
-    ax.set_ylabel(TRAIN_LOSS)
+    ax.set_xlabel(T_LABEL)
+    ax.set_ylabel(f"training {LOSS_LABEL}")
     ax.set_title("Training loss by scale")
     _legend(ax, ncol=2)
     return fig
@@ -101,7 +133,7 @@ def scaling_law(a: StudyAnalysis):
             label=f"log-linear: {fit.slope:.4f} log10 N + {fit.intercept:.4f} (R² {fit.r2:.4f}, AIC {fit.aic_loglinear:.2f})")
     ax.plot(grid, law.power_predict(grid), "C1--",
             label=f"power law: N^{fit.power_exponent:.4f} (R² {fit.power_r2:.4f}, AIC {fit.aic_power:.2f})")
-    _size_axis(ax, f"final {a.options.metric}")
+    _size_axis(ax, f"final {sharpness_label(a.options.metric)}")
     ax.set_title("Scaling law of final sharpness")
     _legend(ax)
     return fig
@@ -111,21 +143,32 @@ def sharpness_gradient(a: StudyAnalysis):
     models = by_model(a.scale_runs())
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     shown = False
+    values, uphill = [], 0
     for color, g in zip(_colors(len(models)), models):
-        r = g[0]
-        _, s = r.run.series(a.options.metric)
-        _, gn = r.run.series(TRAIN_GRAD_NORM)
-        if gn.size == s.size and gn.size:
-            ax1.scatter(gn, s, s=5, color=color, label=r.run.model)
-            shown = True
+        for i, r in enumerate(g):
+            t_s, s = r.run.series(a.options.metric)
+            t_g, gn = r.run.series(TRAIN_GRAD_NORM)
+            _, i_s, i_g = np.intersect1d(t_s, t_g, return_indices=True)
+            s, gn = s[i_s], gn[i_g]
+            keep = np.isfinite(s) & np.isfinite(gn)
+            if keep.any():
+                ax1.scatter(gn[keep], s[keep], s=6, alpha=0.5, color=color, label=_size_name(g) if i == 0 else None)
+                values.append(s[keep])
+                shown = True
+            if r.eta is not None:
+                uphill += int((r.eta.eta == 0).sum())
     if not shown:
         plt.close(fig)
         return None
+    scale_axis(ax1, *values)
+    if uphill:  # no silent gaps: λ_c = ∞ has no place on the axis
+        ax1.text(0.99, 0.02, f"{uphill} uphill updates (λ_c = ∞) not shown", transform=ax1.transAxes,
+                 ha="right", va="bottom", fontsize=7, color="0.3")
     rows = a.tables["correlations"]
     ax2.plot([r["n_params"] for r in rows], [r["r_sharpness_grad_norm"] for r in rows], "o-", label="r(sharpness, grad norm)")
     ax2.plot([r["n_params"] for r in rows], [r["r_sharpness_loss"] for r in rows], "s--", label="r(sharpness, loss)")
-    ax1.set_xlabel(TRAIN_GRAD_NORM)
-    ax1.set_ylabel(a.options.metric)
+    ax1.set_xlabel("gradient norm ‖g‖ (train/grad_norm)")
+    ax1.set_ylabel(sharpness_label(a.options.metric))
     ax1.set_title("Sharpness against gradient norm")
     _size_axis(ax2, "within-run Pearson r")
     ax2.set_title("Coupling by scale")
@@ -149,7 +192,7 @@ def sharpness_accuracy(a: StudyAnalysis):
     k, b = np.polyfit(s, acc, 1)
     xs = np.linspace(s.min(), s.max(), 10)
     ax.plot(xs, k * xs + b, "C1--", label=f"r = {a.summary['r_final_sharpness_accuracy']:.4f}")
-    ax.set_xlabel(f"final {a.options.metric}")
+    ax.set_xlabel(f"final {sharpness_label(a.options.metric)}")
     ax.set_ylabel("mean downstream accuracy")
     ax.set_title("Flatter end, better downstream accuracy?")
     _legend(ax)
@@ -202,14 +245,23 @@ def measures(a: StudyAnalysis):
         return None
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
+        key, shown = MEASURES[name], []
         for color, g in zip(_colors(len(models)), models):
-            t, v = g[0].run.series(MEASURES[name])
-            ax.plot(t, v, color=color, lw=1, label=g[0].run.model)
-        ax.set_xlabel("training progress t")
-        ax.set_ylabel(MEASURES[name])
+            for i, r in enumerate(g):
+                label = _size_name(g) if i == 0 else None
+                if key == a.options.metric:
+                    shown.append(trajectory(ax, r, color=color, label=label, statistic=a.options.final_statistic))
+                    continue
+                t, v = r.run.series(key)
+                t, v = t[np.isfinite(v)], v[np.isfinite(v)]
+                ax.plot(t, v, "o-", color=color, lw=1, ms=3, label=label)
+                shown.append(v)
+        scale_axis(ax, *shown)
+        ax.set_xlabel(T_LABEL)
+        ax.set_ylabel(sharpness_label(key))
         row = next(r for r in a.tables["measures"] if r["measure"] == name)
         ax.set_title(f"{name}: slope {row['slope']:.3g}, R² {row['r2']:.3f}", fontsize=10)
-    _legend(axes[0][0], ncol=2)
+    _legend(axes[0][0], fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -220,17 +272,17 @@ def schedules(a: StudyAnalysis):
         return None
     models = sorted({(r.run.n_params, r.run.model) for r in runs})
     names = sorted({str(r.run.config.get("schedule")) for r in runs})
-    fig, axes = plt.subplots(1, len(models), figsize=(4.3 * len(models), 3.8), squeeze=False, sharey=False)
-    for ax, (_, model) in zip(axes[0], models):
-        for color, name in zip(plt.cm.tab10(np.arange(len(names))), names):
-            for r in runs:
-                if r.run.model == model and str(r.run.config.get("schedule")) == name:
-                    mark = "" if r.phases.preserved else " (broken)"
-                    ax.plot(r.t, r.sharpness, color=color, lw=1, label=f"{name}{mark}")
-        ax.set_title(model)
-        ax.set_xlabel("training progress t")
-        ax.set_ylabel(a.options.metric)
-        _legend(ax)
+    fig, axes = plt.subplots(len(models), 1, figsize=(8.5, 4.2 * len(models)), squeeze=False)
+    for ax, (n_params, model) in zip(axes[:, 0], models):
+        groups, labels = [], []
+        for name in names:
+            g = [r for r in runs if r.run.model == model and str(r.run.config.get("schedule")) == name]
+            groups.append(g)
+            labels.append(f"{name}" + ("" if all(r.phases.preserved for r in g) else " (not three-phase)"))
+        size = f"{size_label(n_params)} parameters"
+        sharpness_by_group(ax, groups, labels, plt.cm.tab10(np.arange(len(names))), a, own_lines=True,
+                           title=(size if model == size_label(n_params) else f"{model} ({size})")
+                           + ": each schedule's own stability line dashed in its colour")
     fig.suptitle("Learning-rate schedules")
     fig.tight_layout()
     return fig
@@ -244,24 +296,27 @@ def training(a: StudyAnalysis):
     fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.6 * len(runs)), squeeze=False)
     for (ax_s, ax_l), r in zip(axes, runs):
         run = r.run
-        ax_s.plot(r.t, r.sharpness, ".-", lw=1, ms=3, label="critical sharpness λ_c")
-        t_lr, two_over_lr = run.series(TWO_OVER_LR)
-        if t_lr.size:
-            ax_s.plot(t_lr, two_over_lr, "k--", lw=1, label="2/lr (stability edge of the step)")
+        shown = [trajectory(ax_s, r, color="C0", label="critical sharpness λ_c",
+                            statistic=a.options.final_statistic)]
+        shown.append(stability_line(ax_s, run, CRITICAL))
         t_max, lam_max = run.series(LAMBDA_MAX)
-        if t_max.size:
-            ax_s.plot(t_max, lam_max, "s", ms=4, label="λ_max (Lanczos)")
-        ax_s.set_yscale("log")
-        ax_s.set_xlabel("training progress t")
+        if np.isfinite(lam_max).any():
+            ax_s.plot(t_max, lam_max, "s", color="C3", ms=4, label="λ_max (Lanczos)")
+            shown.append(lam_max)
+        scale_axis(ax_s, *shown)
+        nd, failed = marks_present([r])
+        style_legend(ax_s, stability=None, has_not_descent=nd, has_failed=failed, eta_space=r.eta is not None)
+        ax_s.legend(fontsize=7, loc="upper left")
+        ax_s.set_xlabel(T_LABEL)
+        ax_s.set_ylabel(sharpness_label(CRITICAL))
         ax_s.set_title(f"{run.name} ({run.model})")
-        _legend(ax_s)
         t_loss, loss_values = run.series(TRAIN_LOSS)
         ax_l.plot(t_loss, loss_values, lw=1, label=TRAIN_LOSS)
         t_eval, eval_loss = run.series(EVAL_LOSS)
         if t_eval.size:
             ax_l.plot(t_eval, eval_loss, "o-", ms=4, label=EVAL_LOSS)
-        ax_l.set_xlabel("training progress t")
-        ax_l.set_ylabel("loss (nats/token)")
+        ax_l.set_xlabel(T_LABEL)
+        ax_l.set_ylabel(LOSS_LABEL)
         _legend(ax_l)
     fig.suptitle("Measured training runs")
     fig.tight_layout()
@@ -287,7 +342,7 @@ def extrapolation(a: StudyAnalysis):
     obs = [r for r in rows if np.isfinite(r["observed"])]
     if obs:
         ax.plot([r["n_params"] for r in obs], [r["observed"] for r in obs], "C3^", ms=8, label="observed")
-    _size_axis(ax, f"final {a.options.metric}")
+    _size_axis(ax, f"final {sharpness_label(a.options.metric)}")
     ax.set_title("Extrapolation beyond the fitted scales")
     _legend(ax)
     return fig
@@ -297,11 +352,20 @@ def phases(a: StudyAnalysis):
     rows = a.tables["phases"]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    values = []
     for i, (key, label) in enumerate((("phase1", "t < 0.2"), ("phase2", "0.2 ≤ t < 0.6"), ("phase3", "t ≥ 0.6"))):
-        ax.bar(x + (i - 1) * 0.27, [r[key] for r in rows], width=0.27, label=label)
+        v = np.array([r[key] for r in rows], dtype=float)
+        ax.bar(x + (i - 1) * 0.27, np.where(np.isfinite(v), v, 0.0), width=0.27, label=label)
+        for j in np.flatnonzero(~np.isfinite(v)):  # no silent gaps: say why a bar is missing
+            ax.text(x[j] + (i - 1) * 0.27, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+        values.append(v)
+    scale_axis(ax, *values)
+    if ax.get_yscale() != "log":
+        ax.set_ylim(bottom=0)
     ax.set_xticks(x, [r["model"] for r in rows])
-    ax.set_xlabel("model")
-    ax.set_ylabel(f"mean {a.options.metric}")
+    ax.set_xlabel("model (parameters)")
+    eta = any(r.eta is not None for r in a.runs)
+    ax.set_ylabel(f"{sharpness_label(a.options.metric)}" + (", 2/⟨η_c⟩ over the window" if eta else ", mean"))
     ax.set_title("Phase means (fixed windows)")
     _legend(ax)
     return fig
@@ -346,16 +410,6 @@ MEASURE_LABELS = {
     CRITICAL: "critical sharpness λ_c", LAMBDA_MAX: "λ_max (top Hessian eigenvalue)",
     TRACE_PER_PARAM: "tr(H) / P", PRECONDITIONED: "preconditioned λ_max (Adam)",
 }
-AXIS_LABELS = {CRITICAL: "λ_c", LAMBDA_MAX: "λ_max",
-               TRACE_PER_PARAM: "tr(H) / P", PRECONDITIONED: "preconditioned λ_max"}
-# Stability lines drawn beside a measure: the step's 2/lr for λ_c and λ_max (gradient
-# descent's edge), and Adam's (2 + 2β1)/((1 − β1)·lr) = 38/lr at β1 = 0.9 for the
-# preconditioned Hessian. The trace has no such line.
-STABILITY_LINES = {
-    CRITICAL: (2.0, "2/lr (edge of stability)"),
-    LAMBDA_MAX: (2.0, "2/lr"),
-    PRECONDITIONED: (38.0, "38/lr (Adam, β1 = 0.9)"),
-}
 
 
 def _sorted(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -363,53 +417,70 @@ def _sorted(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return t[order], v[order]
 
 
-def _log_if_positive(ax, *arrays) -> None:
-    """Log y when every finite value shown is positive: λ_c and 2/lr differ by decades."""
-    values = np.concatenate([np.asarray(v, dtype=float).ravel() for v in arrays]) if arrays else np.array([])
-    values = values[np.isfinite(values)]
-    if values.size and np.all(values > 0):
-        ax.set_yscale("log")
-
-
-def _measure_panel(ax, key: str, t: np.ndarray, v: np.ndarray, t_lr: np.ndarray, lr: np.ndarray) -> None:
+def _measure_panel(ax, key: str, run, t: np.ndarray, v: np.ndarray) -> None:
+    """A measure other than the analysed metric (few exact measurements: points joined),
+    against its stability line; failed values marked on the time axis."""
     t, v = _sorted(t, v)
     ok = np.isfinite(v)
-    ax.plot(t[ok], v[ok], ".-", lw=1, ms=4, label=MEASURE_LABELS.get(key, key))
-    shown = [v[ok]]
-    if key in STABILITY_LINES and t_lr.size:
-        factor, label = STABILITY_LINES[key]
-        tl, line = _sorted(t_lr, np.where(lr > 0, factor / np.where(lr > 0, lr, 1.0), np.nan))
-        keep = np.isfinite(line)
-        if keep.any():
-            ax.plot(tl[keep], line[keep], "k--", lw=1, label=label)
-            shown.append(line[keep])
+    ax.plot(t[ok], v[ok], "o-", lw=1, ms=3, label=MEASURE_LABELS.get(key, key))
+    shown = [v[ok], stability_line(ax, run, key)]
     if (~ok).any():  # failed measurements: a mark on the time axis, since they have no value
         ax.plot(t[~ok], np.full(int((~ok).sum()), 0.03), "x", color="C3", ms=6,
                 transform=ax.get_xaxis_transform(), label=f"failed ({int((~ok).sum())} of {v.size})")
-    _log_if_positive(ax, *shown)
-    ax.set_ylabel(AXIS_LABELS.get(key, key.split("/", 1)[-1]))
-    _legend(ax)
+    scale_axis(ax, *shown)
+    ax.set_ylabel(sharpness_label(key), fontsize=8)
+    _legend(ax, loc="upper left")
 
 
-def run_figure(r, label: str, metric: str):
+def _metric_panel(ax, r, metric: str, statistic: str) -> None:
+    """The analysed metric: its trajectory (curves.py) against its stability line."""
+    shown = [trajectory(ax, r, color="C0", label=MEASURE_LABELS.get(metric, metric), statistic=statistic),
+             stability_line(ax, r.run, metric)]
+    scale_axis(ax, *shown)
+    nd, failed = marks_present([r])
+    style_legend(ax, stability=None, has_not_descent=nd, has_failed=failed, eta_space=r.eta is not None)
+    _legend(ax, loc="upper left")
+    ax.set_ylabel(sharpness_label(metric), fontsize=8)
+
+
+def _descent_panel(ax, run) -> bool:
+    """gᵀd/‖d‖ on the step's batch and on the probe, where the run logs them: an uphill
+    update (not_descent) is one whose probe value is ≤ 0."""
+    drawn = False
+    for key, label, style in ((DESCENT_STEP, "on the step's batch", "o-"), (DESCENT_PROBE, "on the probe", "s-")):
+        t, v = run.series(key)
+        if np.isfinite(v).any():
+            ax.plot(*_sorted(t[np.isfinite(v)], v[np.isfinite(v)]), style, lw=0.8, ms=2.5, label=label)
+            drawn = True
+    if drawn:
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.set_ylabel("descent gᵀd/‖d‖", fontsize=8)
+        _legend(ax, loc="upper right")
+    return drawn
+
+
+def run_figure(r, label: str, metric: str, statistic: str = "mean"):
     """One run: every sharpness measure it logs over t (the metric first, with the detected
-    phases and the 2/lr line), then its losses. None when it logs neither."""
+    phases and its stability line), the descent of its updates where logged, then its
+    losses. None when it logs none of them."""
     run = r.run
     keys = [metric] + [k for k in MEASURE_LABELS if k != metric and np.isfinite(run.series(k)[1]).any()]
-    if r.t.size == 0:
+    if r.t.size == 0 and r.eta is None:
         keys = keys[1:]
     t_loss, train_loss = run.series(TRAIN_LOSS)
     t_eval, eval_loss = run.series(EVAL_LOSS)
     has_loss = bool(np.isfinite(train_loss).any() or np.isfinite(eval_loss).any())
-    n = len(keys) + has_loss
+    has_descent = any(np.isfinite(run.series(k)[1]).any() for k in (DESCENT_STEP, DESCENT_PROBE))
+    n = len(keys) + has_descent + has_loss
     if n == 0:
         return None
-    fig, axes = plt.subplots(n, 1, figsize=(7.5, 2.3 * n + 0.7), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(n, 1, figsize=(8, 2.5 * n + 0.8), sharex=True, squeeze=False)
     axes = axes[:, 0]
-    t_lr, lr = lr_series(run)
     for ax, key in zip(axes, keys):
-        t, v = (r.t, r.sharpness) if key == metric else run.series(key)
-        _measure_panel(ax, key, t, v, t_lr, lr)
+        if key == metric:
+            _metric_panel(ax, r, metric, statistic)
+        else:
+            _measure_panel(ax, key, run, *run.series(key))
     if keys and keys[0] == metric:
         ax = axes[0]
         ph = r.phases
@@ -421,15 +492,17 @@ def run_figure(r, label: str, metric: str):
         reading = {"yes": "rise, decay, plateau (dotted: peak; shaded: plateau)",
                    "no": f"not three-phase: {ph.reason}", "undecidable": f"undecidable: {ph.reason}"}[verdict]
         ax.set_title(f"three-phase reading: {reading}", fontsize=9)
+    if has_descent:
+        _descent_panel(axes[len(keys)], run)
     if has_loss:
         ax = axes[-1]
         if np.isfinite(train_loss).any():
             ax.plot(*_sorted(t_loss, train_loss), lw=1, label=TRAIN_LOSS)
         if np.isfinite(eval_loss).any():
             ax.plot(*_sorted(t_eval, eval_loss), "o-", ms=3, lw=1, label=EVAL_LOSS)
-        ax.set_ylabel("loss")
+        ax.set_ylabel(LOSS_LABEL, fontsize=8)
         _legend(ax)
-    axes[-1].set_xlabel("training progress t")
+    axes[-1].set_xlabel(T_LABEL)
     model = f" ({run.model})" if run.model != label else ""
     fig.suptitle(f"{label}{model}: {run.n_params:,.0f} parameters, group {', '.join(run.groups)}", fontsize=10)
     fig.tight_layout()
@@ -439,7 +512,7 @@ def run_figure(r, label: str, metric: str):
 def run_figures(a: StudyAnalysis):
     """(figure name, figure) of every run of a run report that logs anything to plot."""
     for r, label, key in run_keys(ordered(a.runs)):
-        fig = run_figure(r, label, a.options.metric)
+        fig = run_figure(r, label, a.options.metric, a.options.final_statistic)
         if fig is not None:
             yield f"run-{key}", fig
 
@@ -448,28 +521,21 @@ def overlay(a: StudyAnalysis):
     """Every run's metric on one axis (and losses below): the runs side by side when there
     are too few sizes to fit across them."""
     runs = [(r, label) for r, label in zip(ordered(a.runs), run_labels(ordered(a.runs)))
-            if np.isfinite(r.sharpness).any()]
+            if np.isfinite(r.sharpness).any() or (r.eta is not None and r.eta.used.any())]
     if len(runs) < 2:
         return None
     losses = [(r, label, *r.run.series(TRAIN_LOSS)) for r, label in runs]
     has_loss = any(np.isfinite(v).any() for *_, v in losses)
-    fig, axes = plt.subplots(1 + has_loss, 1, figsize=(7.5, 3.4 * (1 + has_loss)), sharex=True, squeeze=False)
-    ax = axes[0, 0]
-    for color, (r, label) in zip(_colors(len(runs)), runs):
-        t, v = _sorted(r.t, r.sharpness)
-        ok = np.isfinite(v)
-        ax.plot(t[ok], v[ok], ".-", color=color, lw=1, ms=3, label=label)
-    _log_if_positive(ax, *[r.sharpness for r, _ in runs])
-    ax.set_ylabel(a.options.metric)
-    ax.set_title("The runs side by side")
-    _legend(ax)
+    fig, axes = plt.subplots(1 + has_loss, 1, figsize=(8.5, 3.8 * (1 + has_loss)), sharex=True, squeeze=False)
+    sharpness_by_group(axes[0, 0], [[r] for r, _ in runs], [label for _, label in runs], _colors(len(runs)), a,
+                       title="The runs side by side")
     if has_loss:
         ax2 = axes[1, 0]
         for color, (r, label, t, v) in zip(_colors(len(runs)), losses):
             if np.isfinite(v).any():
                 ax2.plot(*_sorted(t, v), color=color, lw=1, label=label)
-        ax2.set_ylabel(TRAIN_LOSS)
+        ax2.set_ylabel(f"training {LOSS_LABEL}")
         _legend(ax2)
-    axes[-1, 0].set_xlabel("training progress t")
+    axes[-1, 0].set_xlabel(T_LABEL)
     fig.tight_layout()
     return fig

@@ -13,7 +13,10 @@ from ..analysis.tables import format_value
 from ..runs import atomic_write_text
 
 FIGURE_CAPTIONS = {
-    "trajectories": "Sharpness over training at each scale; dotted lines mark the detected peak.",
+    "trajectories": "Sharpness over training at each size: single measurements faint, the smoothed curve "
+                    "(for a line search 2/⟨η_c⟩ over a rolling window, uphill updates counted as η_c = 0) with its "
+                    "90% bootstrap interval, the 2/lr line dashed; ▲ at the top edge: an uphill update (not_descent, "
+                    "λ_c = ∞).",
     "loss": "Training loss over training at each scale.",
     "accuracy": "Downstream accuracy per task and its mean against model size.",
     "scaling_law": "Final sharpness against model size with the log-linear and power-law fits.",
@@ -22,9 +25,10 @@ FIGURE_CAPTIONS = {
     "ablations": "One-factor ablations: peak-to-plateau ratio and whether the three-phase pattern survives.",
     "pac_bayes": "The PAC-Bayes bound as written (explicit δ) and the source's variant.",
     "measures": "Critical sharpness, λ_max and trace per parameter over training.",
-    "schedules": "Sharpness under five learning-rate schedules.",
+    "schedules": "Sharpness under each learning-rate schedule, drawn as in the trajectories figure, each schedule's "
+                 "own 2/lr dashed in its colour.",
     "extrapolation": "Log-linear extrapolation with 95% intervals of the fitted mean, against observed values.",
-    "phases": "Mean sharpness in the three fixed windows.",
+    "phases": "Sharpness in the three fixed windows (for a line search 2/⟨η_c⟩ over the window).",
     "training": "Measured training runs: critical sharpness along the optimizer's update against 2/lr, λ_max, and the losses.",
     "overlay": "Every run's sharpness over training progress t (and training loss), side by side.",
 }
@@ -113,7 +117,8 @@ def runs_html(a: StudyAnalysis, figures: dict[str, Path]) -> str:
     rows = {row["run"]: row for row in a.tables.get("runs", [])}
     parts = [f"<p class='note'>One figure per run: every sharpness measure it logs over training progress t "
              f"(<code>{html.escape(a.options.metric)}</code> first, against the 2/lr line; failed measurements "
-             "marked × on the time axis), then its losses. Columns of every run: the Runs table.</p>"]
+             "marked at the edges: ▲ at the top for an uphill update, not_descent, λ_c = ∞; × at the bottom for "
+             "no value), then its losses. Columns of every run: the Runs table.</p>"]
     for r, label, key in run_keys(ordered(a.runs)):
         row = rows.get(label, {})
         about = f"{r.run.n_params:,.0f} parameters, group {', '.join(r.run.groups)}, {r.run.config.get('source', '')}"
