@@ -103,6 +103,39 @@ def test_hf_callback_measures_logs_and_does_not_perturb(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hf_sequence_losses_average_to_the_models_own_loss(kind):
+    # The callback's default loss returns one value per row so that λ_c has a standard
+    # error; their mean must be the model's own loss, padding (-100 labels) included.
+    pytest.importorskip("transformers")
+    from sharpscope.integrations.hf import causal_lm_loss, causal_lm_sequence_losses
+
+    model = _hf_model(kind).eval()  # no dropout: the two losses see the same network
+    batch = _probe()
+    labels = batch["labels"].clone()
+    labels[0, 10:] = -100  # a short row
+    labels[3, :5] = -100  # a prompt that is not predicted
+    batch = {"input_ids": batch["input_ids"], "labels": labels}
+    with torch.no_grad():
+        rows = causal_lm_sequence_losses(model, batch)
+        own = causal_lm_loss(model, batch)
+    assert rows.shape == (8,)
+    assert float(rows.mean()) == pytest.approx(float(own), rel=1e-5)
+
+
+def test_hf_callback_logs_the_standard_error_of_critical_sharpness(tmp_path):
+    pytest.importorskip("transformers")
+    from sharpscope.integrations.hf import SharpnessCallback
+
+    callback = SharpnessCallback(_probe(), every=2, run_dir=tmp_path / "run")
+    _hf_trainer(tmp_path / "hf", [callback]).train()
+    measured = [m for _, m in callback.history if "sharpness/critical" in m]
+    assert measured and all(0 < m["sharpness/critical_se"] for m in measured)
+    assert all("sharpness/descent_step" in m for _, m in callback.history)
+    rows = [r for r in _rows(tmp_path / "run") if "sharpness/critical" in r]
+    assert all("sharpness/critical_se" in r for r in rows)
+
+
 def test_hf_warmup_from_lr_zero_defers_the_measurement_to_the_next_step(tmp_path):
     """F1: HF schedules start at lr 0; the step-1 measurement moves to step 2 and says so."""
     pytest.importorskip("transformers")

@@ -51,6 +51,25 @@ def causal_lm_loss(model, batch) -> Any:
     return model(**batch).loss
 
 
+def causal_lm_sequence_losses(model, batch) -> Any:
+    """Per-sequence losses whose mean is the causal-LM loss of ``batch`` (a dict with
+    ``labels``, -100 where a token is not predicted): the next-token cross-entropy summed
+    over each row's predicted tokens, times rows / predicted tokens of the batch. The mean
+    over rows is then the mean over predicted tokens, what the model's own loss computes
+    (``causal_lm_loss``), and the rows let the critical-sharpness search report its
+    standard error over the probe's sequences. The callback's default loss."""
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                ignore_index=-100, reduction="none").view(targets.shape)
+    predicted = (targets != -100).sum().clamp(min=1)
+    return per_token.sum(dim=1) * (targets.shape[0] / predicted)
+
+
 def _calling_handler(callback) -> Any:
     """The Trainer's CallbackHandler that is calling ``callback`` (found on the stack:
     callbacks are not given the handler or the Trainer)."""
@@ -74,7 +93,7 @@ class SharpnessCallback(TrainerCallback):
     def __init__(self, probe_batch: dict, *, every: int = 250, loss_fn=None, run_dir: str | Path | None = None,
                  name: str = "hf-run", group: str = "training", model: str | None = None,
                  overwrite: bool = False, **monitor_options):
-        self.recorder = MonitorRecorder(probe_batch, loss_fn or causal_lm_loss, every=every, run_dir=run_dir,
+        self.recorder = MonitorRecorder(probe_batch, loss_fn or causal_lm_sequence_losses, every=every, run_dir=run_dir,
                                         name=name, group=group, model=model, framework="transformers",
                                         overwrite=overwrite, monitor_options=monitor_options)
         self.every = every

@@ -259,6 +259,17 @@ def causal_lm_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
+def causal_lm_sequence_losses(model: torch.nn.Module, batch) -> torch.Tensor:
+    """The same loss per row (1-D; every row predicts block_size tokens, so the mean over
+    rows is :func:`causal_lm_loss`): rows let the critical-sharpness search report its
+    standard error over the probe's sequences."""
+    x_BxT, y_BxT = batch
+    logits = model(input_ids=x_BxT, use_cache=False).logits.float()
+    per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_BxT.reshape(-1),
+                                                  reduction="none")
+    return per_token.view(y_BxT.shape).mean(dim=1)
+
+
 # --------------------------------------------------------------------------- optimizer
 
 

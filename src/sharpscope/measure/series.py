@@ -53,8 +53,8 @@ from . import hf
 from ..training import data as data_lib
 from ..training.checkpoint import CHECKPOINTS, STATE_FILE, checkpoint_config, load_checkpoint, read_state
 from ..training.optimizers import build_optimizer, plain_optimizer
-from ..training.trainer import TOKENIZER_FILE, build_model, lm_loss, lr_at, make_run_tokenizer
-from ..metrics import (CRITICAL, ETA_C, EVALS, LAMBDA_MAX, LR_OVER_ETA_C, PRECONDITIONED,
+from ..training.trainer import TOKENIZER_FILE, build_model, lm_loss, lm_sequence_losses, lr_at, make_run_tokenizer
+from ..metrics import (CRITICAL, CRITICAL_SE, ETA_C, EVALS, LAMBDA_MAX, LR_OVER_ETA_C, PRECONDITIONED,
                        PRECONDITIONED_RATIO, PRECONDITIONED_THRESHOLD, TRACE, TRACE_PER_PARAM, TRACE_STDERR,
                        TRAIN_LOSS, TWO_OVER_LR, eval_loss_key)
 
@@ -267,6 +267,7 @@ class RunCheckpoints:
     """Checkpoints of one sharpscope run: the model and optimizer rebuilt from its config."""
 
     loss_fn = staticmethod(lm_loss)
+    sequence_loss_fn = staticmethod(lm_sequence_losses)
 
     def __init__(self, series: Series, data: str, options: MeasureOptions, device: torch.device):
         first = series.checkpoints[0].path
@@ -333,6 +334,7 @@ class HFCheckpoints:
     """Hugging Face checkpoints: models through transformers, a Trainer's AdamW from optimizer.pt."""
 
     loss_fn = staticmethod(hf.causal_lm_loss)
+    sequence_loss_fn = staticmethod(hf.causal_lm_sequence_losses)
 
     def __init__(self, series: Series, data: str, options: MeasureOptions, device: torch.device):
         first = series.checkpoints[0].path
@@ -377,7 +379,7 @@ class HFCheckpoints:
 def open_checkpoints(series: Series, data: str, options: MeasureOptions,
                      device: torch.device | None = None) -> "RunCheckpoints | HFCheckpoints":
     """The loader of a series' checkpoints, with the measured batches made once for all
-    (``.batches``, ``.loss_fn``, ``.load(checkpoint) -> Loaded``)."""
+    (``.batches``, ``.loss_fn``, ``.sequence_loss_fn``, ``.load(checkpoint) -> Loaded``)."""
     device = device or options.torch_device()
     return (RunCheckpoints if series.kind == "sharpscope" else HFCheckpoints)(series, data, options, device)
 
@@ -502,7 +504,10 @@ def _measure_one(target, checkpoint: Checkpoint, options: MeasureOptions) -> dic
     seconds["direction"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
-        crit = critical_sharpness(model, loss_fn, batches, direction, eta0=lr if lr and lr > 0 else None)
+        # Per-row losses (their mean is loss_fn): λ_c then has its standard error. The
+        # direction and the exact references keep the model's own loss, as training has it.
+        crit = critical_sharpness(model, target.sequence_loss_fn, batches, direction,
+                                  eta0=lr if lr and lr > 0 else None)
     except NonFiniteLossError:
         # A diverged checkpoint: recorded as such, so the rest of a series is still measured.
         crit = CriticalSharpnessResult(sharpness=math.nan, eta=math.nan, evals=1, status="nonfinite_loss",
@@ -513,7 +518,7 @@ def _measure_one(target, checkpoint: Checkpoint, options: MeasureOptions) -> dic
     out: dict[str, Any] = {
         "checkpoint": str(checkpoint.path), "step": checkpoint.step, "data": target.source.name, "loss": crit.loss0,
         "lr": lr,
-        CRITICAL: crit.sharpness, ETA_C: crit.eta, "critical_status": crit.status,
+        CRITICAL: crit.sharpness, CRITICAL_SE: crit.stderr, ETA_C: crit.eta, "critical_status": crit.status,
         EVALS: crit.evals,
         LR_OVER_ETA_C: lr / crit.eta if lr is not None and crit.eta > 0 else math.nan,
     }
