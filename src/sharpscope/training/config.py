@@ -121,11 +121,12 @@ class MonitorConfig:
     probe_batch_size: int = 16
     """Sequences in a probe micro-batch (for probe = "fixed": drawn once from the
     validation split)."""
-    probe: str = "fixed"
-    """Where the loss along the update is measured: "fixed" (probe_batches micro-batches of
-    held-out sequences, the same at every measurement), "step" (the batch the step was
-    computed on) or "next" (the next training batch). See docs/measures.md for the
-    measured comparison."""
+    probe: str = "step"
+    """Where the loss along the update is measured: "step" (the batch the step was computed
+    on), "fixed" (probe_batches micro-batches of held-out sequences, the same at every
+    measurement) or "next" (the next training batch). "step" fails least (the update
+    descends on its own batch) and costs least; see "Probe choices" in docs/measures.md
+    for the measured comparison."""
     probe_batches: int = 1
     """probe = "fixed": micro-batches of probe_batch_size sequences in the probe (a larger
     probe costs forward passes, not memory)."""
