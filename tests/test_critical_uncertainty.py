@@ -265,3 +265,18 @@ def test_probe_options_are_checked():
     model, X, y = classification_pool()
     with pytest.raises(ValueError, match="probe_batch is None"):
         SharpnessMonitor(model, classification_examples, None, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stderr_on_cuda_equals_cpu():
+    # The example losses come back to the host for the bootstrap: the same numbers (float64)
+    # give the same standard error wherever the model runs.
+    model, X, y = regression_pool()
+    batch = (X[:64], y[:64])
+    d = gradient_direction(model, regression_examples, batch)
+    cpu = critical_sharpness(model, regression_examples, batch, d)
+    gpu = critical_sharpness(model.cuda(), regression_examples, (batch[0].cuda(), batch[1].cuda()),
+                             [t.cuda() for t in d])
+    assert gpu.status == cpu.status == "ok"
+    assert gpu.sharpness == pytest.approx(cpu.sharpness, rel=1e-9)
+    assert gpu.stderr == pytest.approx(cpu.stderr, rel=1e-6)
