@@ -109,6 +109,9 @@ def test_short_input_is_not_decidable(n):
     r = detect(t, three_phase(t))
     assert not r.preserved
     assert "too few finite points" in r.reason
+    # a series too short to read is undecidable (a claim leaves it out), not a run
+    # without the pattern
+    assert not r.decidable
 
 
 def test_mostly_nan_input_is_not_decidable():

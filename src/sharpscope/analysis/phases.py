@@ -103,8 +103,8 @@ class PhaseResult:
     start: float = float("nan")
     n_spikes: int = 0
     decidable: bool = True
-    """False when too many points are non-finite to read the series at all (failed
-    measurements), as opposed to a readable series without the pattern."""
+    """False when the series cannot be read at all (too few points, too many of them
+    non-finite, or no span in t), as opposed to a readable series without the pattern."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -128,7 +128,7 @@ def detect_three_phase(t, values, *, smooth_fraction: float = 0.05, edge: float 
         raise ValueError("t and values must have the same shape")
     finite = np.isfinite(t) & np.isfinite(v)
     if v.size == 0 or finite.sum() < min_points:
-        return PhaseResult(False, f"too few finite points ({int(finite.sum())} < {min_points})")
+        return PhaseResult(False, f"too few finite points ({int(finite.sum())} < {min_points})", decidable=False)
     if 1 - finite.mean() > max_missing:
         return PhaseResult(False, f"{100 * (1 - finite.mean()):.0f}% of the points are non-finite", decidable=False)
     order = np.argsort(t[finite], kind="stable")
@@ -137,7 +137,7 @@ def detect_three_phase(t, values, *, smooth_fraction: float = 0.05, edge: float 
     t_scale = max(abs(t[0]), abs(t[-1])) or 1.0
     span = t[-1] / t_scale - t[0] / t_scale
     if span <= 0:
-        return PhaseResult(False, "all points share one t")
+        return PhaseResult(False, "all points share one t", decidable=False)
     u = (t / t_scale - t[0] / t_scale) / span
     sm = smooth(v, round(smooth_fraction * v.size))
     if reciprocal is not None:
