@@ -13,8 +13,9 @@ Two counts per method and snapshot:
 * "to 1e-3": products until the running estimate stays within 1e-3 of the reference
   (Lanczos to a 1e-10 residual), an oracle count;
 * "own stop": products used when each method stops by its own rule at tol 1e-3 (Lanczos:
-  Ritz residual ≤ tol·|θ|, a bound on the error; power iteration: the Rayleigh quotient
-  changed by ≤ tol), with whether that answer is really within 1e-3.
+  its bound on the eigenvalue error, min-gap based, ≤ tol·|θ| and the top Ritz value
+  settled; power iteration: the Rayleigh quotient changed by ≤ tol), with whether that
+  answer is really within 1e-3.
 
 Wall time is measured for the oracle counts (the same operator, graph kept once).
 """
@@ -53,7 +54,7 @@ def measure(model, batch):
     with HessianOperator(model, loss_fn, [batch]) as op:
         ref = lanczos(op.matvec, op.params, 2, tol=1e-10, max_iter=300)
         reference, second = ref.values
-        # Run each well past 1e-3 (to a 1e-8 change or residual), so that the count of
+        # Run each well past 1e-3 (to a 1e-8 change or error bound), so that the count of
         # products after which the estimate stays within 1e-3 is read off its history.
         lz = lanczos(op.matvec, op.params, 1, tol=1e-8, max_iter=150)
         pw = power_iteration(op.matvec, op.params, tol=1e-8, max_iter=POWER_CAP)

@@ -23,7 +23,7 @@ import torch
 
 from ..tensors.objective import LossFn
 from ..tensors.state import trainable_parameters, unwrap_model
-from .eigen import lanczos
+from .eigen import DEFAULT_TOL, lanczos
 from .products import HessianOperator
 
 __all__ = ["PreconditionedSharpnessResult", "adam_preconditioner", "preconditioned_sharpness"]
@@ -93,7 +93,7 @@ def preconditioned_sharpness(
     optimizer: torch.optim.Optimizer,
     *,
     k: int = 1,
-    tol: float = 1e-5,
+    tol: float = DEFAULT_TOL,
     max_iter: int = 100,
     seed: int = 0,
     product: str = "auto",

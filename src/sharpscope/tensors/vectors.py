@@ -207,3 +207,29 @@ def check_aligned(vector: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
             )
         out.append(_align(v, p))
     return out
+
+
+def flat_layout(like: Sequence[torch.Tensor]) -> tuple[torch.device, torch.dtype] | None:
+    """(device, dtype) when the vector can live in one flat buffer: no DTensor, one device
+    and one dtype; None otherwise (sharded, multi-device or mixed-dtype parameters, whose
+    vectors stay lists of tensors)."""
+    like = list(like)
+    if not like or any(is_dtensor(x) for x in like):
+        return None
+    device, dtype = like[0].device, like[0].dtype
+    if any(x.device != device or x.dtype != dtype for x in like):
+        return None
+    return device, dtype
+
+
+def flatten(a: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The tensors of a (plain, single-device) vector concatenated into one 1-D tensor."""
+    return torch.cat([x.detach().reshape(-1).to(dtype or x.dtype) for x in a])
+
+
+def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Vector:
+    """A 1-D tensor cut into tensors shaped like ``like`` (views when the dtype matches,
+    converted to each tensor's dtype otherwise)."""
+    like = list(like)
+    parts = torch.split(flat, [x.numel() for x in like])
+    return [part.view(x.shape).to(x.dtype) for part, x in zip(parts, like, strict=True)]
