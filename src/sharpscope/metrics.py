@@ -38,6 +38,15 @@ OPTIM_PREFIX = "optim/"  # + an optimizer statistic
 INNER_COSINE = "optim/inner_cosine"
 
 
+# The stability guard (curvature/guard.py), on measurement rows.
+STABILITY_RATIO = "stability/ratio"  # lr / smoothed η_c
+STABILITY_RATIO_LOWER = "stability/ratio_lower"  # lr / (smoothed η_c + z standard errors): what is judged
+STABILITY_ALARM = "stability/alarm"  # 1 while the judged ratio has stayed above the threshold for patience readings
+STABILITY_LR_SCALE = "stability/lr_scale"  # cap: the factor on the scheduled lr from the next step on
+STABILITY_STOP = "stability/stop"  # stop: 1 on the measurement that ended the run
+
+
 def eval_loss_key(data: str) -> str:
     """The loss on the named evaluation data."""
     return f"{EVAL_PREFIX}{data}/loss"
+

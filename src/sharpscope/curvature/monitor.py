@@ -26,6 +26,13 @@ With ``exact_every`` > 0 the monitor also measures exact references every that m
 at θ_before on the same probe batch: λ_max (Lanczos), the Hessian trace (Hutchinson) and,
 for Adam-family optimizers with state, preconditioned sharpness. They cost Hessian-vector
 products (tens of forward+backward passes each), so they are off by default.
+
+``guard=`` adds a stability guard (curvature/guard.py) fed by every measurement: it logs
+``stability/*`` metrics and, with ``action="cap"``, scales the learning rate of every
+parameter group for the steps that follow. The scale is applied in ``begin_step`` on top
+of whatever lr the scheduler set, and the scheduler's own values are put back right after
+``optimizer.step()`` (a step post-hook, or ``end_step``), so a scheduler that reads its
+previous lr (a chainable one) never sees the scale.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from ..tensors.state import trainable_parameters, unwrap_model
 from .capture import DirectionCapture
 from .critical import CriticalSharpnessResult, search_critical_lr
 from .eigen import hessian_eigenvalues
+from .guard import StabilityGuard, make_guard
 from .preconditioned import preconditioned_sharpness
 from .trace import hessian_trace
 from ..metrics import (
@@ -105,6 +113,7 @@ def check_monitor_options(**options: Any) -> None:
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < math.inf:
         raise ValueError(f"probe_target must be 0 (off) or a positive relative standard error such as 0.1, "
                          f"not {target!r}")
+    make_guard(o["guard"])
 
 
 def exact_references(model: torch.nn.Module, loss_fn: LossFn, batches: Any, optimizer: torch.optim.Optimizer, *,
@@ -183,11 +192,12 @@ class SharpnessMonitor:
         exact_tol: float = 1e-3,
         probe: str = "fixed",
         probe_target: float = 0.0,
+        guard: Any = None,
     ):
         check_monitor_options(every=every, method=method, rtol=rtol, at=at, mode=mode, autocast=autocast,
                               max_evals=max_evals, exact_every=exact_every, exact=exact,
                               lanczos_iters=lanczos_iters, trace_samples=trace_samples, exact_tol=exact_tol,
-                              probe=probe, probe_target=probe_target)
+                              probe=probe, probe_target=probe_target, guard=guard)
         if probe == "fixed" and probe_batch is None:
             raise ValueError("probe_batch is None: give a probe batch, or probe='step'/'next' and pass each "
                              "step's batch to around_step(step, batch=...)")
@@ -222,6 +232,12 @@ class SharpnessMonitor:
         self._capture_deferred_from: int | None = None
         self._capture_step: int | None = None
         self._exact_metrics: dict[str, float] | None = None
+        self.guard: StabilityGuard | None = make_guard(guard)
+        """The stability guard (None: no guard); its state is part of ``state_dict()``."""
+        self.step_lr_scale = 1.0
+        """The guard's lr scale applied to the current step (1.0 without a cap)."""
+        self._scheduled_lrs: list | None = None
+        self._post_hook = None
 
     def _objective(self, batches: Any) -> Objective:
         return Objective(self.model, self.loss_fn, batches, autocast=self.autocast,
@@ -240,7 +256,8 @@ class SharpnessMonitor:
                 "precision": self.precision, "exact_every": self.exact_every,
                 "exact": list(self.exact) if self.exact_every else [],
                 "lanczos_iters": self.lanczos_iters, "trace_samples": self.trace_samples,
-                "probe": self.probe, "probe_target": self.probe_target}
+                "probe": self.probe, "probe_target": self.probe_target,
+                **({"guard": self.guard.settings.as_dict()} if self.guard is not None else {})}
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -257,6 +274,7 @@ class SharpnessMonitor:
             yield capture
         except BaseException:
             self._capture = self._exact_metrics = None  # the step failed: nothing to report
+            self._unscale_lr()
             raise
         self.end_step()
 
@@ -273,6 +291,10 @@ class SharpnessMonitor:
         self._capture = None
         self._capture_deferred_from = None
         self._exact_metrics = None
+        if self.guard is not None:
+            self.guard.event = self.guard.message = None
+        # Before the capture reads the lr: d = Δθ/lr must divide by the lr applied.
+        self._scale_lr()
         due = self.due(step) if due is None else due
         exact_due = exact_due if exact_due is not None else self.exact_due(step)
         if self.probe != "fixed":
@@ -308,6 +330,7 @@ class SharpnessMonitor:
         measurements (critical sharpness and/or exact references), or None."""
         capture, self._capture = self._capture, None
         exact, self._exact_metrics = self._exact_metrics, None
+        self._unscale_lr()
         metrics: dict[str, float] = {}
         if capture is not None:
             capture.__exit__(None, None, None)
@@ -378,8 +401,38 @@ class SharpnessMonitor:
         descent = self._step_descent(capture.direction)
         if math.isfinite(descent):
             metrics[DESCENT_STEP] = descent
+        if self.guard is not None:
+            metrics.update(self.guard.update(step=self._capture_step if self._capture_step is not None else -1,
+                                             lr=capture.lr, eta=result.eta, status=result.status,
+                                             eta_se=result.eta_stderr, descent_step=descent))
         self.latest = metrics
         return metrics
+
+    # -- the guard's lr scale ----------------------------------------------------------
+
+    def _scale_lr(self) -> None:
+        """Multiply every group's lr by the guard's scale for this step (cap only; a scale
+        of exactly 1 touches nothing, so warn and stop never change training)."""
+        scale = self.guard.lr_scale if self.guard is not None else 1.0
+        self.step_lr_scale = scale
+        if scale == 1.0:
+            return
+        self._unscale_lr()  # a step whose end was never reported: its values first
+        groups = self.optimizer.param_groups
+        self._scheduled_lrs = [group["lr"] for group in groups]
+        for group, lr in zip(groups, self._scheduled_lrs):
+            group["lr"] = lr * scale
+        if self._post_hook is None and isinstance(self.optimizer, torch.optim.Optimizer):
+            # Right after step(): Lightning steps its scheduler before the callback's
+            # end of batch, and a chainable scheduler must read the scheduled lr.
+            self._post_hook = self.optimizer.register_step_post_hook(lambda *_: self._unscale_lr())
+
+    def _unscale_lr(self) -> None:
+        """Put the scheduler's lrs back (the very objects it set), once."""
+        saved, self._scheduled_lrs = self._scheduled_lrs, None
+        if saved is not None:
+            for group, lr in zip(self.optimizer.param_groups, saved):
+                group["lr"] = lr
 
     def _step_descent(self, direction: list[torch.Tensor]) -> float:
         """gᵀd/‖d‖ with g the gradient the step was computed from (``.grad``, after any
@@ -399,11 +452,14 @@ class SharpnessMonitor:
             "eta": None if last is None or not math.isfinite(last.eta) else last.eta,
             "slope": None if last is None or not math.isfinite(last.slope) else last.slope,
             "status": None if last is None else last.status,
+            **({"guard": self.guard.state_dict()} if self.guard is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.measurements = int(state.get("measurements", 0))
         self.deferred_from = state.get("deferred_from")
+        if self.guard is not None and state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
         if state.get("status") is None:
             self.last = None
             return
