@@ -8,6 +8,7 @@ so a step that several hooks contribute to is still one row.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from ..curvature import SharpnessMonitor
+from ..curvature.guard import LOGGER_NAME
 from ..curvature.monitor import check_monitor_options
 from ..runs import METRICS_FILE, RunWriter
 from ..metrics import TWO_OVER_LR
@@ -147,6 +149,17 @@ def _count_rows(run_dir: Path) -> int:
         return 0
     with open(metrics, "rb") as fh:
         return sum(1 for line in fh if line.strip())
+
+
+def guard_event(monitor: SharpnessMonitor | None) -> str | None:
+    """The guard's event at this step's measurement ("alarm", "cap", "stop" or None),
+    warned once on the ``sharpscope.guard`` logger (rank 0)."""
+    guard = monitor.guard if monitor is not None else None
+    if guard is None or guard.event is None:
+        return None
+    if is_main_process():
+        logging.getLogger(LOGGER_NAME).warning("guard (%s): %s", guard.settings.action, guard.message)
+    return guard.event
 
 
 def finite(metrics: dict[str, float]) -> dict[str, float]:

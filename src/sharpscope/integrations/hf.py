@@ -23,6 +23,12 @@ travels in the Trainer's own state (``trainer_state.json`` of each ``checkpoint-
 ``stateful_callbacks``), so ``resume_from_checkpoint``, from any path, continues the run
 directory and the warm start where the checkpoint left them. A new (not resumed) run
 refuses a ``run_dir`` that already holds rows unless ``overwrite=True``.
+
+``guard=`` (a monitor option, docs/guard.md) adds the stability guard: its ``stability/*``
+metrics reach the logs with the measurement, an alarm or a cut of the lr is a warning on
+the ``sharpscope.guard`` logger, ``cap`` scales every group's lr on top of the Trainer's
+scheduler, and ``stop`` sets ``control.should_training_stop`` (with a checkpoint, unless
+``save_strategy="no"``). The guard's state travels with the monitor's.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ._common import MonitorRecorder, finite
+from ._common import MonitorRecorder, finite, guard_event
 from ..metrics import EVAL_LOSS, TRAIN_GRAD_NORM, TRAIN_LOSS
 
 # The key of the monitor's state in TrainerState.stateful_callbacks. Not the class name:
@@ -102,6 +108,7 @@ class SharpnessCallback(TrainerCallback):
         self._step: int | None = None
         self._lr: float | None = None
         self._pending: tuple[int, dict[str, float]] | None = None
+        self._stop = False
 
     @property
     def history(self) -> list[tuple[int, dict[str, float]]]:
@@ -126,6 +133,7 @@ class SharpnessCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._run_before_reporters()
         self._pending = None
+        self._stop = False
         if state.global_step > 0:  # resume_from_checkpoint: the Trainer loaded checkpoint-N's state
             self.resumed_from = state.global_step
             saved = (state.stateful_callbacks or {}).get(STATE_KEY)
@@ -147,10 +155,15 @@ class SharpnessCallback(TrainerCallback):
         metrics = self.recorder.monitor.end_step()
         if metrics:
             self._pending = (self._step, self.recorder.measured(self._step, metrics, self._lr))
+        self._stop = guard_event(self.recorder.monitor) == "stop" or self._stop
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._pending is not None:
             control.should_log = True  # the Trainer logs this step, with the measurement in it
+        if self._stop:
+            control.should_training_stop = True
+            if getattr(args.save_strategy, "value", args.save_strategy) != "no":
+                control.should_save = True  # the run ends with a checkpoint of this step
         if self.recorder.monitor is not None:
             # Kept current in the Trainer's state, so any checkpoint saved after this step
             # carries the warm start in its trainer_state.json.

@@ -23,6 +23,12 @@ of Lightning checkpoints (callback state), so ``fit(ckpt_path=...)`` resumes it.
 (not resumed) fit refuses a ``run_dir`` that already holds rows unless ``overwrite=True``.
 One optimizer, automatic optimization: with several optimizers the monitor follows the
 first one handed to it.
+
+``guard=`` (a monitor option, docs/guard.md) adds the stability guard: ``stability/*``
+metrics go to the loggers with the measurement, an alarm or a cut of the lr is a warning
+on the ``sharpscope.guard`` logger, ``cap`` scales every group's lr on top of the
+scheduler (put back right after ``optimizer.step()``, before Lightning steps its
+scheduler), and ``stop`` sets ``trainer.should_stop``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import lightning.pytorch as pl
 import torch
 
 from ..tensors.vectors import norm
-from ._common import MonitorRecorder, finite
+from ._common import MonitorRecorder, finite, guard_event
 from ..metrics import TRAIN_GRAD_NORM, TRAIN_LOSS
 
 
@@ -121,6 +127,8 @@ class SharpnessCallback(pl.Callback):
         if metrics:
             metrics = self.recorder.measured(step, metrics, self._lr)
             self._publish(trainer, step, finite(metrics))
+        if guard_event(self.recorder.monitor) == "stop":
+            trainer.should_stop = True
         if self._records(trainer, step) or metrics:
             self.recorder.add(step, values, total)
 

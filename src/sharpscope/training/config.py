@@ -142,6 +142,33 @@ class MonitorConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The stability guard on the monitor's measurements (docs/guard.md); needs
+    ``monitor.every`` > 0. Every field but ``action`` has the default of
+    ``sharpscope.curvature.guard.GuardSettings``."""
+
+    action: str = "off"
+    """"off", "warn" (log stability/alarm and a line), "cap" (scale the lr down while the
+    ratio is high, back up while it is not) or "stop" (end the run with a checkpoint)."""
+    threshold: float = 1.0
+    """Alarm when the smoothed lr/η_c stays above this."""
+    patience: int = 2
+    """Consecutive measurements above the threshold before the alarm."""
+    smoothing: float = 0.5
+    """Weight kept from the past in the moving average of η_c (0: none)."""
+    confidence: float = 1.0
+    """Standard errors of the smoothed η_c the ratio must clear (0: judge the ratio itself)."""
+    cap_factor: float = 0.5
+    """cap: each alarm scales the lr by cap_factor·min(1, threshold/ratio)."""
+    recovery: float = 1.1
+    """cap: each measurement at or below the threshold multiplies the scale by this, up to 1."""
+    min_scale: float = 0.01
+    """cap: lowest lr scale."""
+    noisy_probe: str = "skip"
+    """A not_descent measurement whose update descends on its own batch: "skip" or "zero"."""
+
+
+@dataclass
 class EvalConfig:
     every: int = 100
     """Validation every this many steps, plus at the start and the end (0 = start and end)."""
@@ -203,6 +230,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

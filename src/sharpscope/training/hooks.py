@@ -13,16 +13,23 @@ The order is part of the result, and it is the order of these definitions:
     are collective: every rank must reach them in the same order;
   * the checkpoint comes after the row it covers (resume drops rows logged after it);
   * progress last, so the bar shows the step once everything about it is done.
+
+A hook that sets ``trainer.stop_reason`` ends the run after this step: the hooks after it
+still run, with evaluation and the checkpoint due as at the last step, so a stopped run
+ends like a finished one, one step early (the stability guard's ``stop``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..metrics import CRITICAL, OPTIM_PREFIX, TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_SKIPPED, TWO_OVER_LR
+from ..curvature.guard import LOGGER_NAME
+from ..metrics import (CRITICAL, OPTIM_PREFIX, STABILITY_RATIO, TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_SKIPPED,
+                       TWO_OVER_LR)
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +88,29 @@ def critical_sharpness(trainer: Trainer, step: StepResult, row: dict[str, Any]) 
         row[TWO_OVER_LR] = 2.0 / step.lr
 
 
+def stability(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
+    """The guard's word on this step's measurement (its stability/* metrics are already in
+    the row, from the monitor): a line when an alarm begins or the lr is cut, and the end
+    of the run when it says stop. Every rank reads the same measurements, so every rank
+    takes the same decision (rank 0 alone writes the line)."""
+    guard = trainer.monitor.guard if trainer.monitor is not None else None
+    if guard is None or step.skipped or guard.event is None:
+        return
+    line = f"guard ({guard.settings.action}): {guard.message}"
+    if trainer.rank == 0:
+        if trainer.progress is not None:
+            trainer.progress.write(line)
+        else:
+            logging.getLogger(LOGGER_NAME).warning(line)
+    if guard.event == "stop":
+        trainer.stop_reason = guard.message
+
+
+def _ends(trainer: Trainer, step: StepResult) -> bool:
+    """The last step of the run: the planned one, or one a hook stopped the run at."""
+    return step.done == trainer.config.steps or trainer.stop_reason is not None
+
+
 def exact_curvature(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
     every = trainer.config.monitor.exact_every
     if every and step.done % every == 0:
@@ -91,7 +121,7 @@ def evaluation(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
     """Validation on its cadence and at the end: rank 0 alone, or every rank under FSDP
     (its forwards are collective)."""
     cfg = trainer.config
-    due = step.done == cfg.steps or (cfg.eval.every and step.done % cfg.eval.every == 0)
+    due = _ends(trainer, step) or (cfg.eval.every and step.done % cfg.eval.every == 0)
     if due and (trainer.rank == 0 or trainer.fsdp):
         row.update(trainer.evaluate())
 
@@ -103,8 +133,12 @@ def write_row(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
 
 def checkpoint(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
     cfg = trainer.config
-    if step.done == cfg.steps or (cfg.checkpoint.every and step.done % cfg.checkpoint.every == 0):
+    if _ends(trainer, step) or (cfg.checkpoint.every and step.done % cfg.checkpoint.every == 0):
         trainer.write_checkpoint(step.done)
+    if trainer.stop_reason is not None and trainer.rank == 0:
+        # One line saying why, whether or not a progress bar is shown.
+        print(f"[train] {cfg.name}: stopped at step {step.done} of {cfg.steps} by the stability guard: "
+              f"{trainer.stop_reason}; final checkpoint step{step.done:08d}", file=sys.stderr)
 
 
 def progress(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
@@ -115,8 +149,8 @@ def progress(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
         trainer.progress.update(step, row)
 
 
-STEP_HOOKS: tuple[StepHook, ...] = (train_metrics, critical_sharpness, exact_curvature, evaluation, write_row,
-                                    checkpoint, progress)
+STEP_HOOKS: tuple[StepHook, ...] = (train_metrics, critical_sharpness, stability, exact_curvature, evaluation,
+                                    write_row, checkpoint, progress)
 
 
 class ProgressBar:
@@ -128,11 +162,19 @@ class ProgressBar:
         self.bar = tqdm(total=config.steps, initial=initial, desc=config.name, unit="step", file=sys.stderr,
                         dynamic_ncols=True)
         self.last_lambda = math.nan
+        self.last_ratio: float | None = None  # shown once the guard has logged a ratio
 
     def update(self, step: StepResult, row: dict[str, Any]) -> None:
         self.last_lambda = row.get(CRITICAL, self.last_lambda)
+        self.last_ratio = row.get(STABILITY_RATIO, self.last_ratio)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{float(step.loss):.3f}", lam_c=f"{self.last_lambda:.3g}", refresh=False)
+        extra = {} if self.last_ratio is None else {"lr/eta_c": f"{self.last_ratio:.3g}"}
+        self.bar.set_postfix(loss=f"{float(step.loss):.3f}", lam_c=f"{self.last_lambda:.3g}", **extra,
+                             refresh=False)
+
+    def write(self, line: str) -> None:
+        """A line above the bar (the bar is redrawn below it)."""
+        self.bar.write(line, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

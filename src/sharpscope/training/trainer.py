@@ -39,6 +39,7 @@ from ..runs import METRICS_FILE, RunWriter
 from ..schedules import SCHEDULES, lr_multiplier
 from ..sizes import size_label
 from ..curvature import SharpnessMonitor, exact_references
+from ..curvature.guard import ACTIONS as GUARD_ACTIONS, GuardSettings, check_guard_settings
 from ..curvature.monitor import PROBES
 from ..curvature.agreement import gradient_agreement
 from . import data as data_lib
@@ -139,6 +140,16 @@ def _check(config: TrainConfig) -> None:
     if not 0 <= monitor.probe_target < math.inf:
         raise UserError(f"monitor.probe_target must be 0 (off) or a positive fraction such as 0.1, "
                         f"got {monitor.probe_target}")
+    guard = config.guard
+    if guard.action not in GUARD_ACTIONS:
+        raise UserError(f"guard.action must be one of {', '.join(GUARD_ACTIONS)}, got '{guard.action}'")
+    if guard.action != "off":
+        if config.monitor.every < 1:
+            raise UserError(f"guard.action={guard.action} reads the monitor's measurements: set monitor.every > 0")
+        try:
+            check_guard_settings(GuardSettings(**to_dict(guard)))
+        except ValueError as exc:
+            raise UserError(str(exc).replace("guard ", "guard.", 1)) from None
     if config.data.batch_size < 1 or config.model.block_size < 2:
         raise UserError("data.batch_size must be >= 1 and model.block_size >= 2")
     if config.data.weights and len(config.data.weights) != len(config.data.sources):
@@ -229,7 +240,9 @@ class Trainer:
             self.monitor = SharpnessMonitor(self.model, lm_sequence_losses, self.probe_shards if fixed else None,
                                             self.optimizer, every=config.monitor.every,
                                             method=config.monitor.method, rtol=config.monitor.rtol,
-                                            probe=config.monitor.probe, probe_target=config.monitor.probe_target)
+                                            probe=config.monitor.probe, probe_target=config.monitor.probe_target,
+                                            guard=GuardSettings(**to_dict(config.guard))
+                                            if config.guard.action != "off" else None)
         self.tokens_per_step = config.data.batch_size * block
         self.start_step = 0
         self.forward_model = self.model  # under FSDP the sharded model itself
@@ -256,6 +269,9 @@ class Trainer:
         self.writer: _Writer | None = None
         self.progress: ProgressBar | None = None
         self.on_step: Callable[[int, int], None] | None = None
+        self.stop_reason: str | None = None
+        """Set by a step hook to end the run after this step's hooks (evaluation, row and
+        a final checkpoint included): the stability guard's ``stop``."""
 
     def _fully_shard(self) -> None:
         """FSDP2: every transformer Block, then the root (the embeddings, final norm and
@@ -310,12 +326,17 @@ class Trainer:
         return dict(zip(stats, (values / self.world).tolist()))
 
     def run_config(self) -> dict[str, Any]:
+        train = to_dict(self.config)
+        if self.config.guard.action == "off":
+            # Absent means off (readers fill in the defaults): a run without a guard keeps
+            # the config.json it always had.
+            train.pop("guard")
         return {
             "name": self.config.name, "group": self.config.group, "model": size_label(self.n_params),
             "n_params": self.n_params, "source": "measured", "seed": self.config.seed,
             "schedule": self.config.schedule.name, "optimizer": self.config.optim.name,
             **({"groups": [self.config.group, *self.config.groups]} if self.config.groups else {}),
-            "sources": list(self.sources), "train": to_dict(self.config),
+            "sources": list(self.sources), "train": train,
         }
 
     # -- evaluation ---------------------------------------------------------------------
@@ -405,7 +426,8 @@ class Trainer:
         if self.rank != 0:
             return
         state = {"tokens": step * self.tokens_per_step, "sampler": self.sampler.state_dict(),
-                 "monitor": self.monitor.state_dict() if self.monitor else None, "rng_ranks": rng_ranks}
+                 "monitor": self.monitor.state_dict() if self.monitor else None, "rng_ranks": rng_ranks,
+                 **({"stopped": self.stop_reason} if self.stop_reason else {})}
         save_checkpoint(self.out, step, self.model, self.optimizer, state, keep=self.config.checkpoint.keep,
                         full_state=full_state)
 
@@ -436,6 +458,8 @@ class Trainer:
                                        "tokens": result.done * self.tokens_per_step}
                 for hook in self.step_hooks:
                     hook(self, result, row)
+                if self.stop_reason is not None:
+                    break
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -488,6 +512,8 @@ class Trainer:
             with self.monitor.around_step(step, self._probe_for(step, batch)) if self.monitor is not None \
                     else nullcontext():
                 self.optimizer.step()
+            if self.monitor is not None and self.monitor.step_lr_scale != 1.0:
+                lr = lr * self.monitor.step_lr_scale  # the guard's cap: the lr this step applied
         return StepResult(step + 1, lr, global_loss, grad_norm, skipped, logged)
 
     def _probe_for(self, step: int, batch):
