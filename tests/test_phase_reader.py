@@ -84,3 +84,40 @@ def test_signals_do_not_import_torch():
     code = "import sys, sharpscope.signals; assert 'torch' not in sys.modules, 'torch was imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_trainer_logs_the_live_phase_reading_resume_exactly(tmp_path):
+    # The trainer's monitor knows the run's length, so every measurement carries the live
+    # reading; replaying the logged η_c through a fresh reader gives the same phases, and a
+    # resumed run continues the reader's state (its rows equal the uninterrupted run's).
+    import json
+
+    from sharpscope.cli import main
+    from sharpscope.metrics import ETA_C, FAILED_PREFIX, PHASE_CODE
+
+    tiny = ["progress=false", "model.preset=nano", "model.block_size=32", "data.batch_size=4",
+            "data.sources=arithmetic,code", "data.max_bytes=200000", "eval.every=0", "eval.batches=1",
+            "eval.arithmetic_problems=0", "schedule.warmup_steps=3", "monitor.every=2"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(["train", "--out", str(whole), "--steps", "30", *tiny]) == 0
+    assert main(["train", "--out", str(part), "--steps", "30", *tiny, "checkpoint.every=14", "checkpoint.keep=3"]) == 0
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in rows if PHASE_CODE in r]
+    assert len(measured) == 15 and {r[PHASE_CODE] for r in measured[:9]} == {0.0}
+    reader = PhaseReader()
+    for r in measured:
+        eta = r[ETA_C] if r.get(ETA_C) is not None else (0.0 if r.get(FAILED_PREFIX + "not_descent") else math.nan)
+        assert reader.update((r["step"] - 1) / 30, eta).code == r[PHASE_CODE]
+    # resume from the step-14 checkpoint of the second run, after cutting its later rows
+    lines = (part / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= 14]
+    (part / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    import shutil
+
+    for ck in sorted((part / "checkpoints").glob("step*")):
+        if int(ck.name.removeprefix("step")) > 14:
+            shutil.rmtree(ck)
+    assert main(["train", "--out", str(part), "--steps", "30", *tiny, "checkpoint.every=14", "checkpoint.keep=3", "--resume"]) == 0
+    resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    phase = lambda rs: [(r["step"], r.get(PHASE_CODE), r.get("phase/smoothed")) for r in rs if PHASE_CODE in r]
+    assert phase(resumed) == phase(rows)

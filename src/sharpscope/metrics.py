@@ -50,3 +50,9 @@ def eval_loss_key(data: str) -> str:
     """The loss on the named evaluation data."""
     return f"{EVAL_PREFIX}{data}/loss"
 
+PHASE_PREFIX = "phase/"  # the live three-phase reading (signals.PhaseReader)
+PHASE_CODE = "phase/code"  # 0 undecided, 1 rise, 2 decay, 3 plateau (signals.PHASES)
+PHASE_SMOOTHED = "phase/smoothed"  # trailing 2/⟨η_c⟩
+PHASE_PEAK = "phase/peak"
+PHASE_T_PEAK = "phase/t_peak"
+PHASE_PLATEAU_SINCE = "phase/plateau_since"  # t at which the current plateau began

@@ -33,6 +33,11 @@ parameter group for the steps that follow. The scale is applied in ``begin_step`
 of whatever lr the scheduler set, and the scheduler's own values are put back right after
 ``optimizer.step()`` (a step post-hook, or ``end_step``), so a scheduler that reads its
 previous lr (a chainable one) never sees the scale.
+
+``total_steps`` (the run's length in optimizer steps, when known) adds the live
+three-phase reading (signals.PhaseReader) to every measurement: ``phase/code`` (0
+undecided, 1 rise, 2 decay, 3 plateau), ``phase/smoothed``, ``phase/peak``,
+``phase/t_peak`` and ``phase/plateau_since``, read on η_c at t = step/total_steps.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from .capture import DirectionCapture
 from .critical import CriticalSharpnessResult, search_critical_lr
 from .eigen import hessian_eigenvalues
 from .guard import StabilityGuard, make_guard
+from ..signals import PhaseReader
 from .preconditioned import preconditioned_sharpness
 from .trace import hessian_trace
 from ..metrics import (
@@ -114,6 +120,9 @@ def check_monitor_options(**options: Any) -> None:
         raise ValueError(f"probe_target must be 0 (off) or a positive relative standard error such as 0.1, "
                          f"not {target!r}")
     make_guard(o["guard"])
+    total = o["total_steps"]
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+        raise ValueError(f"total_steps must be None (unknown) or the run's number of optimizer steps, not {total!r}")
 
 
 def exact_references(model: torch.nn.Module, loss_fn: LossFn, batches: Any, optimizer: torch.optim.Optimizer, *,
@@ -193,11 +202,12 @@ class SharpnessMonitor:
         probe: str = "fixed",
         probe_target: float = 0.0,
         guard: Any = None,
+        total_steps: int | None = None,
     ):
         check_monitor_options(every=every, method=method, rtol=rtol, at=at, mode=mode, autocast=autocast,
                               max_evals=max_evals, exact_every=exact_every, exact=exact,
                               lanczos_iters=lanczos_iters, trace_samples=trace_samples, exact_tol=exact_tol,
-                              probe=probe, probe_target=probe_target, guard=guard)
+                              probe=probe, probe_target=probe_target, guard=guard, total_steps=total_steps)
         if probe == "fixed" and probe_batch is None:
             raise ValueError("probe_batch is None: give a probe batch, or probe='step'/'next' and pass each "
                              "step's batch to around_step(step, batch=...)")
@@ -238,6 +248,9 @@ class SharpnessMonitor:
         """The guard's lr scale applied to the current step (1.0 without a cap)."""
         self._scheduled_lrs: list | None = None
         self._post_hook = None
+        self.total_steps = total_steps
+        self.phase: PhaseReader | None = PhaseReader() if total_steps else None
+        """The live three-phase reading (signals.PhaseReader), when the run's length is known."""
 
     def _objective(self, batches: Any) -> Objective:
         return Objective(self.model, self.loss_fn, batches, autocast=self.autocast,
@@ -401,6 +414,12 @@ class SharpnessMonitor:
         descent = self._step_descent(capture.direction)
         if math.isfinite(descent):
             metrics[DESCENT_STEP] = descent
+        if self.phase is not None:
+            # η_c space, as the analysis reads it: an uphill update is η_c = 0, a search
+            # without a reading (no_increase, max_evals) is skipped.
+            eta = result.eta if result.ok else 0.0 if result.status == "not_descent" else math.nan
+            step = self._capture_step if self._capture_step is not None else self.measurements
+            metrics.update(self.phase.update(step / self.total_steps, eta).as_metrics())
         if self.guard is not None:
             metrics.update(self.guard.update(step=self._capture_step if self._capture_step is not None else -1,
                                              lr=capture.lr, eta=result.eta, status=result.status,
@@ -453,6 +472,7 @@ class SharpnessMonitor:
             "slope": None if last is None or not math.isfinite(last.slope) else last.slope,
             "status": None if last is None else last.status,
             **({"guard": self.guard.state_dict()} if self.guard is not None else {}),
+            **({"phase": self.phase.state_dict()} if self.phase is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -460,6 +480,8 @@ class SharpnessMonitor:
         self.deferred_from = state.get("deferred_from")
         if self.guard is not None and state.get("guard") is not None:
             self.guard.load_state_dict(state["guard"])
+        if self.phase is not None and state.get("phase") is not None:
+            self.phase.load_state_dict(state["phase"])
         if state.get("status") is None:
             self.last = None
             return

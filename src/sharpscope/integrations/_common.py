@@ -91,13 +91,17 @@ class MonitorRecorder:
         self.resume_step = resume_step
         self.pending_state = state
 
-    def ensure(self, model: torch.nn.Module, optimizer) -> SharpnessMonitor:
+    def ensure(self, model: torch.nn.Module, optimizer, total_steps: int | None = None) -> SharpnessMonitor:
+        """The monitor, built at the first step; ``total_steps`` (the run's length, when the
+        framework knows it) turns on the live phase reading unless the options say otherwise."""
         if self.monitor is None:
             device = next(model.parameters()).device
             # Framework wrappers (accelerate, Lightning) expose the real optimizer inside.
             inner = getattr(optimizer, "optimizer", optimizer)
+            options = {"total_steps": total_steps if total_steps and total_steps > 0 else None,
+                       **self.monitor_options}
             self.monitor = SharpnessMonitor(model, self.loss_fn, to_device(self.probe_batch, device), inner,
-                                            every=self.every, **self.monitor_options)
+                                            every=self.every, **options)
             if self.pending_state is not None:
                 self.monitor.load_state_dict(self.pending_state)
                 self.pending_state = None

@@ -143,7 +143,7 @@ class SharpnessCallback(TrainerCallback):
             self.recorder.start(None, None)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        monitor = self.recorder.ensure(model, optimizer)
+        monitor = self.recorder.ensure(model, optimizer, state.max_steps)
         self._step = state.global_step + 1  # the number HF gives this update in its logs
         capture = monitor.begin_step(self._step, due=self._due(self._step, self.every),
                                      exact_due=self._due(self._step, self.exact_every))

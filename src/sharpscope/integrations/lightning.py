@@ -33,6 +33,8 @@ scheduler), and ``stop`` sets ``trainer.should_stop``.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -42,6 +44,17 @@ from ..tensors.vectors import norm
 from ._common import MonitorRecorder, finite, guard_event
 from ..metrics import TRAIN_GRAD_NORM, TRAIN_LOSS
 
+
+
+def _total_steps(trainer) -> int | None:
+    """The run's optimizer steps: max_steps, or what Lightning estimates from the epochs."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    try:
+        total = trainer.estimated_stepping_batches
+    except Exception:  # no dataloader length (an iterable dataset): unknown
+        return None
+    return int(total) if isinstance(total, (int, float)) and math.isfinite(total) and total > 0 else None
 
 
 class SharpnessCallback(pl.Callback):
@@ -96,7 +109,7 @@ class SharpnessCallback(pl.Callback):
         return self.recorder.run_dir is not None and every > 0 and step % every == 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        monitor = self.recorder.ensure(pl_module, optimizer)
+        monitor = self.recorder.ensure(pl_module, optimizer, _total_steps(trainer))
         step = trainer.global_step
         capture = monitor.begin_step(step)
         inner = getattr(optimizer, "optimizer", optimizer)

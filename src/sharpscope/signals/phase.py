@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..metrics import PHASE_CODE, PHASE_PEAK, PHASE_PLATEAU_SINCE, PHASE_SMOOTHED, PHASE_T_PEAK
+
 __all__ = ["PHASES", "PhaseReader", "PhaseReading"]
 
 PHASES = ("undecided", "rise", "decay", "plateau")
@@ -50,8 +52,8 @@ class PhaseReading:
 
     def as_metrics(self) -> dict[str, float]:
         """Run-format metrics (``phase/…``); NaN values are left out."""
-        out = {"phase/code": float(self.code), "phase/smoothed": self.smoothed, "phase/peak": self.peak,
-               "phase/t_peak": self.t_peak, "phase/plateau_since": self.plateau_since}
+        out = {PHASE_CODE: float(self.code), PHASE_SMOOTHED: self.smoothed, PHASE_PEAK: self.peak,
+               PHASE_T_PEAK: self.t_peak, PHASE_PLATEAU_SINCE: self.plateau_since}
         return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
 
 

@@ -242,7 +242,8 @@ class Trainer:
                                             method=config.monitor.method, rtol=config.monitor.rtol,
                                             probe=config.monitor.probe, probe_target=config.monitor.probe_target,
                                             guard=GuardSettings(**to_dict(config.guard))
-                                            if config.guard.action != "off" else None)
+                                            if config.guard.action != "off" else None,
+                                            total_steps=config.steps)
         self.tokens_per_step = config.data.batch_size * block
         self.start_step = 0
         self.forward_model = self.model  # under FSDP the sharded model itself
