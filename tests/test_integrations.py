@@ -685,3 +685,54 @@ def test_lightning_resume_from_checkpoint_keeps_rows_and_warm_start(tmp_path):
         for key in ("sharpness/critical", "sharpness/evals", "train/loss"):
             if key in ref:
                 assert row[key] == pytest.approx(ref[key], rel=1e-5), (row["step"], key)
+
+
+def test_hf_probe_step_measures_on_the_batches_the_step_used(tmp_path):
+    # probe="step": no probe batch; the callback takes the training forwards' inputs of each
+    # step (all micro-batches under accumulation) and measures along the update on them.
+    pytest.importorskip("transformers")
+    from sharpscope.integrations.hf import SharpnessCallback
+
+    class Counting(SharpnessCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.sizes.append([len(b["input_ids"]) for b in self._micro_batches])
+            super().on_pre_optimizer_step(args, state, control, **kwargs)
+
+    callback = Counting(None, every=2, probe="step", run_dir=tmp_path / "run")
+    callback.sizes = []
+    trainer = _hf_trainer(tmp_path / "hf", [callback], gradient_accumulation_steps=2)
+    trainer.train()
+    assert callback.sizes == [[8, 8]] * 6  # both micro-batches of every step, nothing else
+    assert [step for step, _ in callback.history] == [1, 2, 4, 6]
+    for _, m in callback.history:
+        assert m["sharpness/descent_step"] > 0  # the update descends on its own batch
+        assert "sharpness/critical" in m and m["sharpness/critical_se"] > 0
+    assert read_run(tmp_path / "run").config["monitor"]["probe"] == "step"
+    # training is not perturbed by the capture
+    plain = _hf_trainer(tmp_path / "plain", [], gradient_accumulation_steps=2)
+    plain.train()
+    for (name, a), (_, b) in zip(trainer.model.state_dict().items(), plain.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="probe must be 'fixed' or 'step'"):
+        SharpnessCallback(None, probe="next")
+    with pytest.raises(ValueError, match="probe_batch is None"):
+        SharpnessCallback(None)
+
+
+def test_lightning_probe_step_measures_on_the_step_batches(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    from sharpscope.integrations.lightning import SharpnessCallback
+
+    class Counting(SharpnessCallback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.sizes.append(len(self._micro_batches))
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    callback = Counting(None, loss_fn=lambda module, batch: module.loss(batch), every=2, probe="step",
+                        run_dir=tmp_path / "run")
+    callback.sizes = []
+    _lightning_train(callback, max_steps=4, accumulate_grad_batches=2)
+    assert callback.sizes == [2, 2, 2, 2]
+    assert len(callback.history) == 2
+    for _, m in callback.history:
+        assert m["sharpness/descent_step"] > 0 and "sharpness/critical" in m

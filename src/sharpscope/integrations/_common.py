@@ -54,6 +54,13 @@ class MonitorRecorder:
                  name: str, group: str, model: str | None, framework: str, overwrite: bool,
                  monitor_options: dict[str, Any]):
         check_monitor_options(every=every, **monitor_options)
+        self.probe = monitor_options.get("probe", "fixed")
+        if self.probe not in ("fixed", "step"):
+            raise ValueError(f"the callbacks measure on the fixed probe_batch or on the step's own batch: probe must "
+                             f"be 'fixed' or 'step', not {self.probe!r}")
+        if self.probe == "fixed" and probe_batch is None:
+            raise ValueError("probe_batch is None: give a probe batch, or probe='step' to measure on the batches "
+                             "each step was computed on")
         check_label("name", name)
         check_label("group", group)
         if model is not None:
@@ -100,8 +107,8 @@ class MonitorRecorder:
             inner = getattr(optimizer, "optimizer", optimizer)
             options = {"total_steps": total_steps if total_steps and total_steps > 0 else None,
                        **self.monitor_options}
-            self.monitor = SharpnessMonitor(model, self.loss_fn, to_device(self.probe_batch, device), inner,
-                                            every=self.every, **options)
+            probe = to_device(self.probe_batch, device) if self.probe == "fixed" else None
+            self.monitor = SharpnessMonitor(model, self.loss_fn, probe, inner, every=self.every, **options)
             if self.pending_state is not None:
                 self.monitor.load_state_dict(self.pending_state)
                 self.pending_state = None

@@ -37,6 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from transformers import TrainerCallback
 
 from ._common import MonitorRecorder, finite, guard_event
@@ -109,6 +111,8 @@ class SharpnessCallback(TrainerCallback):
         self._lr: float | None = None
         self._pending: tuple[int, dict[str, float]] | None = None
         self._stop = False
+        self._micro_batches: list[dict] = []  # probe="step": the training forwards of the coming step
+        self._forward_hook = None
 
     @property
     def history(self) -> list[tuple[int, dict[str, float]]]:
@@ -130,7 +134,18 @@ class SharpnessCallback(TrainerCallback):
     def on_init_end(self, args, state, control, **kwargs):
         self._run_before_reporters()
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def _capture_training_inputs(self, module, args, kwargs) -> None:
+        # A training forward (train mode, with gradients): the measurement's own forwards run
+        # in eval mode without gradients, and evaluation in eval mode, so neither is taken.
+        if module.training and torch.is_grad_enabled() and not args:
+            # The inputs only: the loss's normaliser (num_items_in_batch) belongs to the step.
+            self._micro_batches.append({k: v for k, v in kwargs.items()
+                                        if isinstance(v, torch.Tensor) and k != "num_items_in_batch"})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.recorder.probe == "step" and model is not None and self._forward_hook is None:
+            self._forward_hook = model.register_forward_pre_hook(self._capture_training_inputs, with_kwargs=True)
+        self._micro_batches = []
         self._run_before_reporters()
         self._pending = None
         self._stop = False
@@ -145,7 +160,8 @@ class SharpnessCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         monitor = self.recorder.ensure(model, optimizer, state.max_steps)
         self._step = state.global_step + 1  # the number HF gives this update in its logs
-        capture = monitor.begin_step(self._step, due=self._due(self._step, self.every),
+        batches, self._micro_batches = self._micro_batches, []
+        capture = monitor.begin_step(self._step, batch=batches or None, due=self._due(self._step, self.every),
                                      exact_due=self._due(self._step, self.exact_every))
         self._lr = capture.lr if capture is not None else None
 
@@ -190,4 +206,8 @@ class SharpnessCallback(TrainerCallback):
         self.recorder.flush()  # the run directory as of this checkpoint
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
+        self._micro_batches = []
         self.recorder.close()

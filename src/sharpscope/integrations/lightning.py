@@ -79,6 +79,7 @@ class SharpnessCallback(pl.Callback):
         self._loss_sum = 0.0
         self._logged_keys: set[str] = set()
         self._restored: dict | None = None
+        self._micro_batches: list = []  # probe="step": the micro-batches of the coming step
 
     @property
     def history(self):
@@ -108,10 +109,17 @@ class SharpnessCallback(pl.Callback):
         every = self.log_every or trainer.log_every_n_steps
         return self.recorder.run_dir is not None and every > 0 and step % every == 0
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.recorder.probe == "step":
+            # Every micro-batch the coming optimizer step accumulates: together they are the
+            # batch the step was computed on (their mean loss is the step's loss).
+            self._micro_batches.append(batch)
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         monitor = self.recorder.ensure(pl_module, optimizer, _total_steps(trainer))
         step = trainer.global_step
-        capture = monitor.begin_step(step)
+        batches, self._micro_batches = self._micro_batches, []
+        capture = monitor.begin_step(step, batch=batches or None)
         inner = getattr(optimizer, "optimizer", optimizer)
         self._lr = capture.lr if capture is not None else float(inner.param_groups[0]["lr"])
         self._step_values = {}
