@@ -105,6 +105,23 @@ class ScheduleConfig:
     """wsd: length of the final decay (0 = 20% of the run)."""
     cycle_steps: int = 0
     """cosine_restarts: first cycle length (0 = a quarter of the run)."""
+    warmup: str = "fixed"
+    """"fixed" (a linear warmup of warmup_steps) or "auto": raise the lr only as fast as
+    the measured critical lr η_c allows (docs/warmup.md; warmup_steps is then ignored and
+    the run's warmup length is the step where the lr first reaches the schedule)."""
+    warmup_target: float = 0.5
+    """auto: keep lr / η̄ at most this (η̄ the smoothed η_c)."""
+    warmup_growth: float = 1.2
+    """auto: largest factor by which the lr may grow from one step to the next."""
+    warmup_init: float = 0.01
+    """auto: first lr as a fraction of the peak (also the lowest lr of the warmup)."""
+    warmup_smoothing: float = 0.5
+    """auto: weight kept from the past in the moving average of η_c (0: the latest)."""
+    warmup_every: int = 1
+    """auto: measure η_c every this many steps while warming up (then monitor.every)."""
+    warmup_max_fraction: float = 0.25
+    """auto: the curvature cap holds until this fraction of the run; then the lr climbs
+    by warmup_growth per step to the schedule."""
 
 
 @dataclass

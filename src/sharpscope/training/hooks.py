@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..curvature.guard import LOGGER_NAME
 from ..metrics import (CRITICAL, OPTIM_PREFIX, STABILITY_RATIO, TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_SKIPPED,
-                       TWO_OVER_LR)
+                       TWO_OVER_LR, WARMUP_CAP, WARMUP_LR, WARMUP_STEPS)
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +106,19 @@ def stability(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
         trainer.stop_reason = guard.message
 
 
+def warmup(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
+    """The automatic warmup's lr and cap on each of its steps, and its length on the step
+    it ended (the first step on the schedule). A fixed warmup adds nothing."""
+    w = trainer.warmup
+    if w is None or not (w.active or w.end == step.done - 1):
+        return
+    row[WARMUP_LR] = w.lr
+    if w.cap is not None:
+        row[WARMUP_CAP] = w.cap
+    if w.end is not None:
+        row[WARMUP_STEPS] = w.end
+
+
 def _ends(trainer: Trainer, step: StepResult) -> bool:
     """The last step of the run: the planned one, or one a hook stopped the run at."""
     return step.done == trainer.config.steps or trainer.stop_reason is not None
@@ -149,8 +162,8 @@ def progress(trainer: Trainer, step: StepResult, row: dict[str, Any]) -> None:
         trainer.progress.update(step, row)
 
 
-STEP_HOOKS: tuple[StepHook, ...] = (train_metrics, critical_sharpness, stability, exact_curvature, evaluation,
-                                    write_row, checkpoint, progress)
+STEP_HOOKS: tuple[StepHook, ...] = (train_metrics, critical_sharpness, stability, warmup, exact_curvature,
+                                    evaluation, write_row, checkpoint, progress)
 
 
 class ProgressBar:

@@ -1,7 +1,8 @@
 """The training loop: a GPT on the configured sources, with the sharpness monitor live.
 
 One iteration (``step`` counts optimizer updates done, 0-based inside the loop):
-  1. lr from the schedule (a pure function of the step, so resume needs only the count);
+  1. lr from the schedule (a pure function of the step, so resume needs only the count;
+     an automatic warmup's controller keeps its state in the checkpoint);
   2. the sampler's batch for this step (a pure function of seed and position);
   3. forward, backward, clip, then the optimizer step inside the monitor's
      ``around_step`` (the monitor captures the update direction and measures λ_c on its
@@ -11,7 +12,7 @@ One iteration (``step`` counts optimizer updates done, 0-based inside the loop):
      checkpoints on theirs, progress.
 
 Resume loads the latest complete checkpoint (weights, optimizer, RNG, sampler position,
-monitor warm start), drops metric rows logged after it, and continues: on CPU the rest of
+monitor warm start, automatic warmup), drops metric rows logged after it, and continues: on CPU the rest of
 the run is bit-for-bit the run that was never interrupted.
 
 Under torchrun the model is either replicated (``parallel="ddp"``) or sharded with FSDP2
@@ -25,7 +26,7 @@ read them instead of the shards the optimizer has updated since.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +43,7 @@ from ..curvature import SharpnessMonitor, exact_references
 from ..curvature.guard import ACTIONS as GUARD_ACTIONS, GuardSettings, check_guard_settings
 from ..curvature.monitor import PROBES
 from ..curvature.agreement import gradient_agreement
+from ..signals import AutoWarmup, WarmupSettings, check_warmup_settings
 from . import data as data_lib
 from .checkpoint import (gather_full_state, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
@@ -49,7 +51,7 @@ from .config import ModelConfig, TrainConfig
 from .hooks import STEP_HOOKS, ProgressBar, StepHook, StepResult
 from .model import GPT, PRESETS, GPTConfig, count_parameters
 from .optimizers import build_optimizer, optimizer_spec
-from ..metrics import (ARITHMETIC_ACCURACY, EVAL_LOSS, LAMBDA_MAX, PRECONDITIONED, PRECONDITIONED_RATIO,
+from ..metrics import (ARITHMETIC_ACCURACY, ETA_C, EVAL_LOSS, LAMBDA_MAX, PRECONDITIONED, PRECONDITIONED_RATIO,
                        TRACE_PER_PARAM, eval_loss_key)
 
 
@@ -109,12 +111,26 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> GPT:
     return GPT(gpt)
 
 
-def lr_at(config: TrainConfig, step: int) -> float:
+def lr_at(config: TrainConfig, step: int, *, warmup_steps: int | None = None) -> float:
+    """The schedule's lr at ``step``; ``warmup_steps`` replaces the configured warmup length
+    (an automatic warmup's measured length, or the step itself for its ceiling)."""
     s = config.schedule
     return config.optim.lr * float(lr_multiplier(
-        s.name, step, config.steps, warmup_steps=s.warmup_steps, min_ratio=s.min_ratio,
-        decay_steps=s.decay_steps or None, cycle_steps=s.cycle_steps or None,
+        s.name, step, config.steps, warmup_steps=s.warmup_steps if warmup_steps is None else warmup_steps,
+        min_ratio=s.min_ratio, decay_steps=s.decay_steps or None, cycle_steps=s.cycle_steps or None,
     ))
+
+
+WARMUPS = ("fixed", "auto")
+
+# ScheduleConfig's auto-warmup fields and the controller's settings they set.
+_WARMUP_FIELDS = {"warmup_target": "target", "warmup_growth": "growth", "warmup_init": "init",
+                  "warmup_smoothing": "smoothing", "warmup_every": "every", "warmup_max_fraction": "max_fraction"}
+
+
+def warmup_settings(config: TrainConfig) -> WarmupSettings:
+    """The automatic warmup's settings from ``[schedule]``."""
+    return WarmupSettings(**{ours: getattr(config.schedule, name) for name, ours in _WARMUP_FIELDS.items()})
 
 
 PARALLEL = ("ddp", "fsdp")
@@ -127,6 +143,17 @@ def _check(config: TrainConfig) -> None:
         raise UserError(f"steps must be at least 1, got {config.steps}")
     if config.schedule.name not in SCHEDULES:
         raise UserError(f"unknown schedule '{config.schedule.name}'; choose one of {', '.join(SCHEDULES)}")
+    if config.schedule.warmup not in WARMUPS:
+        raise UserError(f"schedule.warmup must be one of {', '.join(WARMUPS)}, got '{config.schedule.warmup}'")
+    if config.schedule.warmup == "auto":
+        if config.monitor.every < 1:
+            raise UserError("schedule.warmup=auto reads the monitor's measurements: set monitor.every > 0")
+        try:
+            check_warmup_settings(warmup_settings(config))
+        except ValueError as exc:
+            name = str(exc).split()[1]
+            field = next(k for k, v in _WARMUP_FIELDS.items() if v == name)
+            raise UserError(str(exc).replace(f"warmup {name}", f"schedule.{field}", 1)) from None
     if config.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"on_nonfinite must be 'stop' or 'skip', got '{config.on_nonfinite}'")
     for name in ("every", "exact_every"):
@@ -244,6 +271,10 @@ class Trainer:
                                             guard=GuardSettings(**to_dict(config.guard))
                                             if config.guard.action != "off" else None,
                                             total_steps=config.steps)
+        self.warmup: AutoWarmup | None = None
+        """The automatic warmup (schedule.warmup = "auto"); its state is in the checkpoint."""
+        if config.schedule.warmup == "auto":
+            self.warmup = AutoWarmup(warmup_settings(config), total_steps=config.steps)
         self.tokens_per_step = config.data.batch_size * block
         self.start_step = 0
         self.forward_model = self.model  # under FSDP the sharded model itself
@@ -332,6 +363,10 @@ class Trainer:
             # Absent means off (readers fill in the defaults): a run without a guard keeps
             # the config.json it always had.
             train.pop("guard")
+        if self.config.schedule.warmup == "fixed":
+            # Likewise a fixed warmup: the automatic warmup's settings are left out.
+            for name in ("warmup", *_WARMUP_FIELDS):
+                train["schedule"].pop(name)
         return {
             "name": self.config.name, "group": self.config.group, "model": size_label(self.n_params),
             "n_params": self.n_params, "source": "measured", "seed": self.config.seed,
@@ -405,6 +440,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if self.monitor is not None and state.get("monitor"):
             self.monitor.load_state_dict(state["monitor"])
+        if self.warmup is not None and state.get("warmup"):
+            self.warmup.load_state_dict(state["warmup"])
         ranks = state.get("rng_ranks")
         if self.world > 1 and (not ranks or len(ranks) != self.world):
             raise UserError(f"{latest} was written by {len(ranks) if ranks else 1} process(es); "
@@ -428,6 +465,7 @@ class Trainer:
             return
         state = {"tokens": step * self.tokens_per_step, "sampler": self.sampler.state_dict(),
                  "monitor": self.monitor.state_dict() if self.monitor else None, "rng_ranks": rng_ranks,
+                 **({"warmup": self.warmup.state_dict()} if self.warmup is not None else {}),
                  **({"stopped": self.stop_reason} if self.stop_reason else {})}
         save_checkpoint(self.out, step, self.model, self.optimizer, state, keep=self.config.checkpoint.keep,
                         full_state=full_state)
@@ -474,7 +512,7 @@ class Trainer:
         optimizer step inside the monitor's ``around_step``; a non-finite loss stops the
         run or (``on_nonfinite="skip"``) leaves θ as it was."""
         cfg = self.config
-        lr = lr_at(cfg, step)
+        lr = self.lr_for(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.micro_sampler is None:
@@ -501,6 +539,9 @@ class Trainer:
         grad_norm = None
         if skipped:  # no update; evaluation, checkpoints and progress go on as scheduled
             self.optimizer.zero_grad(set_to_none=True)
+            if self.warmup is not None:
+                # θ already blew up at this lr's predecessors: no step size is safe here.
+                self.warmup.update(eta=0.0, status="nonfinite")
             if self.fsdp:  # a forward without its backward: FSDP's per-step state reset
                 from ..tensors.fsdp import recover
 
@@ -510,19 +551,47 @@ class Trainer:
             # norm clip_grad_norm_ reduces over the mesh).
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self._parameters, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-            with self.monitor.around_step(step, self._probe_for(step, batch)) if self.monitor is not None \
+            with self._monitored(step, self._probe_for(step, batch)) if self.monitor is not None \
                     else nullcontext():
                 self.optimizer.step()
+            if self.warmup is not None and self.monitor.latest is not None and ETA_C in self.monitor.latest:
+                self.warmup.update(eta=self.monitor.last.eta, status=self.monitor.last.status)
             if self.monitor is not None and self.monitor.step_lr_scale != 1.0:
                 lr = lr * self.monitor.step_lr_scale  # the guard's cap: the lr this step applied
         return StepResult(step + 1, lr, global_loss, grad_norm, skipped, logged)
+
+    def lr_for(self, step: int) -> float:
+        """The lr of ``step`` before any guard scale: the schedule's, or while an automatic
+        warmup lasts its controller's, which is bounded by the ceiling: the schedule's lr
+        if warmup ended at this step. Once the controller reaches the ceiling (at step W),
+        the schedule continues as a fixed warmup of W steps would."""
+        warmup = self.warmup
+        if warmup is None:
+            return lr_at(self.config, step)
+        if warmup.active:
+            lr = warmup.step_lr(step, lr_at(self.config, step, warmup_steps=step))
+            if warmup.active:
+                return lr
+        return lr_at(self.config, step, warmup_steps=warmup.end)
+
+    def _monitor_due(self, step: int) -> bool:
+        """The monitor's cadence, made denser by an automatic warmup while it lasts."""
+        return self.monitor.due(step) or (self.warmup is not None and self.warmup.due(step))
+
+    @contextmanager
+    def _monitored(self, step: int, batch):
+        """``monitor.around_step`` with the trainer's cadence. An exception in the step
+        ends the run, so the monitor is not needed afterwards."""
+        self.monitor.begin_step(step, batch=batch, due=self._monitor_due(step))
+        yield
+        self.monitor.end_step()
 
     def _probe_for(self, step: int, batch):
         """The monitor's probe for ``probe = "step"`` (this step's batch) or ``"next"`` (the
         batch the next step will read, recomputed from the sampler's position: reading it
         here changes nothing about training); None when the probe is fixed or not due."""
         probe = self.config.monitor.probe
-        if probe == "fixed" or not (self.monitor.due(step) or self.monitor.deferred_from is not None):
+        if probe == "fixed" or not (self._monitor_due(step) or self.monitor.deferred_from is not None):
             return None
         if probe == "step" and batch is not None:
             return batch
