@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     # make bench runs on machines without scikit-learn: one line, not a traceback, and
     # exit 0 so that the benchmarks after this one still run.
     if importlib.util.find_spec("sklearn") is None:
-        print("validate_edge_of_stability: skipped, scikit-learn is not installed (pip install scikit-learn)")
+        print("bench_edge_of_stability: skipped, scikit-learn is not installed (pip install scikit-learn)")
         return 0
     # The matrices are small (1000 x 100): a second thread gains little, and on a shared
     # 2-core machine two threads per process made every step several times slower.

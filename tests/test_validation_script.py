@@ -1,4 +1,4 @@
-"""The edge-of-stability validation script (bench/validate_edge_of_stability.py) in
+"""The edge-of-stability validation script (bench/bench_edge_of_stability.py) in
 miniature: its λ_max is the dense Hessian's top eigenvalue, its λ_c is measured along the
 GD step, and its thresholds and summary statistics are the ones docs/validation.md
 reports. Needs scikit-learn (the digits data); skipped without it."""
@@ -18,12 +18,12 @@ from dense_reference import dense_gradient, functional_loss
 
 pytest.importorskip("sklearn")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "validate_edge_of_stability.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_edge_of_stability.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("validate_edge_of_stability", SCRIPT)
+    spec = importlib.util.spec_from_file_location("bench_edge_of_stability", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     # One thread, as the script runs: the tensors are tiny, and on a busy 2-core machine a
