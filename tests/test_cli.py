@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import run_err, run_ok
+from support.cli_helpers import run_err, run_ok
 from sharpscope.runs import write_run
 from sharpscope.simulation import SimulationConfig, write_study
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dense_reference import (
+from support.dense_reference import (
     cross_entropy_loss, least_squares_loss, least_squares_problem, tiny_transformer, token_batches,
 )
 from sharpscope.curvature import (

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dense_reference import least_squares_problem
+from support.dense_reference import least_squares_problem
 from sharpscope.curvature import SharpnessMonitor, critical_sharpness
 from sharpscope.curvature.bootstrap import bootstrap_spread, replicate_etas, replicate_means
 from sharpscope.curvature.monitor import check_monitor_options

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from spawned_ranks import assert_cs_matches as _assert_cs_matches, assert_vectors_close, close, spawn_ranks, write_rank_result
+from support.spawned_ranks import assert_cs_matches as _assert_cs_matches, assert_vectors_close, close, spawn_ranks, write_rank_result
 from sharpscope.curvature import (
     SharpnessMonitor,
     critical_sharpness,

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from spawned_ranks import (DTensor, assert_cs_matches as _assert_cs_matches, assert_vectors_close, close, fully_shard,
+from support.spawned_ranks import (DTensor, assert_cs_matches as _assert_cs_matches, assert_vectors_close, close, fully_shard,
                            requires_fsdp, spawn_ranks, write_rank_result)
 from sharpscope.curvature import (
     DirectionCapture,

@@ -1,5 +1,5 @@
 """H·v, G·v, eigenvalues, trace, preconditioned sharpness and the decomposition, each
-against dense float64 references (tests/dense_reference.py) or closed forms."""
+against dense float64 references (tests/support/dense_reference.py) or closed forms."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dense_reference import (
+from support.dense_reference import (
     cross_entropy_loss, dense_ggn, dense_gradient, dense_hessian, functional_loss,
     least_squares_loss, least_squares_problem, logits_forward, mlp_batches,
     tiny_mlp, tiny_transformer, to_flat, token_batches,

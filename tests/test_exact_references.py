@@ -1,6 +1,6 @@
 """The exact references' solvers: Lanczos' eigenvalue-accuracy stopping rule, the flat
 Krylov basis against the per-tensor one, and the trace estimators, against closed-form
-spectra and dense float64 Hessians (tests/dense_reference.py)."""
+spectra and dense float64 Hessians (tests/support/dense_reference.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dense_reference import cross_entropy_loss, dense_hessian, mlp_batches, tiny_mlp, tiny_transformer, token_batches
+from support.dense_reference import cross_entropy_loss, dense_hessian, mlp_batches, tiny_mlp, tiny_transformer, token_batches
 from sharpscope.curvature import HessianOperator, hessian_eigenvalues, hessian_trace, lanczos
 from sharpscope.curvature.eigen import DEFAULT_TOL, eigenvalue_error_bounds
 from sharpscope.curvature.trace import deflated_hutchinson, hutchpp

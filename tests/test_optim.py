@@ -32,7 +32,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call
 
-from spawned_ranks import spawn_ranks, write_rank_result
+from support.spawned_ranks import spawn_ranks, write_rank_result
 from sharpscope.optim import SAM, AngleSAM, FunctionalSAM, Nexus
 
 DT = torch.float64

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import run_err, run_ok
+from support.cli_helpers import run_err, run_ok
 from sharpscope.cli import main
 from sharpscope.runs import read_run
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from spawned_ranks import DTensor, requires_fsdp, spawn_ranks, write_rank_result
+from support.spawned_ranks import DTensor, requires_fsdp, spawn_ranks, write_rank_result
 from sharpscope.cli import main
 
 pytestmark = requires_fsdp

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dense_reference import dense_gradient, functional_loss
+from support.dense_reference import dense_gradient, functional_loss
 
 pytest.importorskip("sklearn")
 
