@@ -174,8 +174,14 @@ def _config(*extra: str):
 def _train(out: Path, *extra: str, resume: bool = False) -> Path:
     from sharpscope.training.trainer import Trainer
 
+    # One thread for speed; put the count back so later tests (a subprocess run compared
+    # with an in-process one) reduce in the same order as they would alone.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    Trainer(_config(*extra), out, resume=resume).run()
+    try:
+        Trainer(_config(*extra), out, resume=resume).run()
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

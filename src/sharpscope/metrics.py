@@ -59,5 +59,5 @@ PHASE_PLATEAU_SINCE = "phase/plateau_since"  # t at which the current plateau be
 
 # The automatic warmup (signals.AutoWarmup, schedule.warmup = "auto"), on its steps.
 WARMUP_LR = "schedule/warmup_lr"  # the controller's lr of the step (the row's lr is this times any guard scale)
-WARMUP_CAP = "schedule/warmup_cap"  # target · smoothed η_c that bounded it (absent before a reading, after warmup_max_fraction)
-WARMUP_STEPS = "schedule/warmup_steps"  # on the step warmup ended: its length W (the schedule continues as a fixed warmup of W)
+WARMUP_CAP = "schedule/warmup_cap"  # target · smoothed η_c that bounded it (none before a reading, after the max)
+WARMUP_STEPS = "schedule/warmup_steps"  # on the step warmup ended: its length W (then a fixed warmup of W's schedule)

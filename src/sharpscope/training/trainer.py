@@ -12,8 +12,8 @@ One iteration (``step`` counts optimizer updates done, 0-based inside the loop):
      checkpoints on theirs, progress.
 
 Resume loads the latest complete checkpoint (weights, optimizer, RNG, sampler position,
-monitor warm start, automatic warmup), drops metric rows logged after it, and continues: on CPU the rest of
-the run is bit-for-bit the run that was never interrupted.
+monitor warm start, automatic warmup), drops metric rows logged after it, and continues:
+on CPU the rest of the run is bit-for-bit the run that was never interrupted.
 
 Under torchrun the model is either replicated (``parallel="ddp"``) or sharded with FSDP2
 (``parallel="fsdp"``: ``fully_shard`` per Block, then the root). Every FSDP forward and
