@@ -284,3 +284,17 @@ def test_bad_warmup_options_fail_in_one_line(tmp_path, args, message):
     with pytest.raises(UserError) as info:
         Trainer(_config("steps=2", *args), tmp_path / "run")
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_under_the_guards_cap_the_logged_lr_is_the_warmup_lr_times_its_scale(tmp_path):
+    from sharpscope.metrics import STABILITY_LR_SCALE
+
+    rows = _rows(_train(tmp_path / "run", "steps=12", "optim.lr=0.3", *AUTO, "guard.action=cap",
+                        "guard.threshold=0.1", "guard.patience=1"))[1:]
+    scale, scaled = 1.0, 0
+    for r in rows:
+        if WARMUP_LR in r:
+            assert r["lr"] == r[WARMUP_LR] * scale if scale != 1.0 else r["lr"] == r[WARMUP_LR]
+            scaled += scale < 1.0
+        scale = r.get(STABILITY_LR_SCALE, scale)  # the factor from the next step on
+    assert scaled >= 1  # the guard cut the lr during warmup
