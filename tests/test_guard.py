@@ -253,13 +253,17 @@ TINY = ["progress=false", "model.preset=nano", "model.block_size=16", "data.batc
         "monitor.every=2"]
 
 
-def _train(out: Path, *extra: str, resume: bool = False) -> Path:
+def _train(out: Path, *extra: str, resume: bool = False, base: list[str] = TINY) -> Path:
     from sharpscope.config import load_config
     from sharpscope.training.config import TrainConfig
     from sharpscope.training.trainer import Trainer
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    Trainer(load_config(TrainConfig, None, [*TINY, *extra]), out, resume=resume).run()
+    try:
+        Trainer(load_config(TrainConfig, None, [*base, *extra]), out, resume=resume).run()
+    finally:  # later tests compare in-process runs with subprocess ones at their own count
+        torch.set_num_threads(threads)
     return out
 
 
@@ -344,16 +348,10 @@ def test_cap_rescues_a_run_that_spikes_without_it(tmp_path):
     validation loss is never higher, and lower on seeds 0 and 1 (3.33 vs 3.67, 3.54 vs
     3.62), where the cut came early enough; on seeds 2 and 3 the ratio stayed below the
     threshold and the runs are identical."""
-    from sharpscope.config import load_config
-    from sharpscope.training.config import TrainConfig
-    from sharpscope.training.trainer import Trainer
-
-    torch.set_num_threads(1)
     final = {}
     for seed in range(4):
         for action in ("off", "cap"):
-            out = tmp_path / f"{action}{seed}"
-            Trainer(load_config(TrainConfig, None, [*SPIKY, f"seed={seed}", f"guard.action={action}"]), out).run()
+            out = _train(tmp_path / f"{action}{seed}", f"seed={seed}", f"guard.action={action}", base=SPIKY)
             rows = _rows(out)
             assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
             final[action, seed] = rows[-1]["eval/loss"]
