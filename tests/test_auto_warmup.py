@@ -298,3 +298,29 @@ def test_under_the_guards_cap_the_logged_lr_is_the_warmup_lr_times_its_scale(tmp
             scaled += scale < 1.0
         scale = r.get(STABILITY_LR_SCALE, scale)  # the factor from the next step on
     assert scaled >= 1  # the guard cut the lr during warmup
+
+
+def test_measure_reads_the_lr_an_auto_warmup_run_takes(tmp_path):
+    # `sharpscope measure` on a checkpoint of an auto-warmup run: during warmup the
+    # controller's last lr, after it the schedule of a fixed warmup of the measured length
+    # (not the configured warmup_steps, which the run never used).
+    from sharpscope.measure.series import MeasureOptions, find_checkpoints, open_checkpoints
+    from sharpscope.training.trainer import lr_at
+
+    args = ["steps=20", "optim.lr=0.3", *AUTO, "checkpoint.every=6", "checkpoint.keep=5"]
+    run = _train(tmp_path / "run", *args)
+    rows = _rows(run)
+    end = next(int(r[WARMUP_STEPS]) for r in rows if WARMUP_STEPS in r)
+    options = MeasureOptions(batch_size=4, n_batches=1, lanczos_iters=0, trace_samples=0, device="cpu")
+    series = find_checkpoints(run / "checkpoints")
+    target = open_checkpoints(series, "arithmetic", options)
+    by_step = {c.step: target.load(c) for c in series.checkpoints}
+    during = [s for s in by_step if s < end]
+    after = [s for s in by_step if s >= end]
+    assert during and after
+    for s in during:
+        state = json.loads((run / "checkpoints" / f"step{s:08d}" / "train_state.json").read_text())
+        assert by_step[s].lr == state["warmup"]["lr"] and "auto warmup" in by_step[s].lr_source
+    config = _config(*args)
+    for s in after:
+        assert by_step[s].lr == lr_at(config, min(s, 19), warmup_steps=end)
