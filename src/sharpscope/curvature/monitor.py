@@ -138,8 +138,10 @@ def exact_references(model: torch.nn.Module, loss_fn: LossFn, batches: Any, opti
         out[LAMBDA_MAX] = eig.values[0]
     if "trace" in measures:
         # Lanczos-deflated Hutchinson: the same product budget, a smaller standard error on
-        # Hessians with a few dominant eigenvalues (docs/measures.md, "Trace").
-        trace = hessian_trace(model, loss_fn, batches, samples=trace_samples, method="deflated", **options)
+        # Hessians with a few dominant eigenvalues (docs/measures.md, "Trace"); it needs 4
+        # products at least, so a smaller budget stays with plain Hutchinson.
+        method = "deflated" if trace_samples >= 4 else "hutchinson"
+        trace = hessian_trace(model, loss_fn, batches, samples=trace_samples, method=method, **options)
         out[TRACE] = trace.estimate
         out[TRACE_STDERR] = trace.stderr
         out[TRACE_PER_PARAM] = trace.per_param
