@@ -323,6 +323,13 @@ def test_stop_ends_the_run_with_a_checkpoint_and_says_why(tmp_path, capsys):
     assert "stopping" in state["stopped"]
     err = capsys.readouterr().err
     assert "stopped at step 3 of 40 by the stability guard" in err
+    # a study counts the stopped run as finished: resuming would meet the same alarm
+    from sharpscope.experiments.plan import run_state
+
+    assert run_state(out, 40) == "done"
+    (out / "checkpoints" / "step00000003" / "train_state.json").write_text(
+        json.dumps({k: v for k, v in state.items() if k != "stopped"}))
+    assert run_state(out, 40) == "partial"
 
 
 def test_guard_needs_the_monitor(tmp_path):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..config import from_dict, to_dict
 from ..errors import UserError
 from ..runs import CONFIG_FILE
-from ..training.checkpoint import list_checkpoints
+from ..training.checkpoint import STATE_FILE, list_checkpoints
 from ..training.config import TrainConfig
 from ..training.model import PRESETS
 
@@ -40,11 +40,22 @@ def parse_shape(size: str) -> tuple[int, int, int]:
 
 
 def run_state(run_dir: Path, steps: int) -> str:
-    """'done', 'partial' (has a checkpoint to resume from), 'fresh' (nothing usable)."""
+    """'done', 'partial' (has a checkpoint to resume from), 'fresh' (nothing usable). A run
+    the stability guard stopped ('stopped' in its last checkpoint's state) is done: resuming
+    it would only meet the same alarm again."""
     checkpoints = list_checkpoints(run_dir) if run_dir.is_dir() else []
     if checkpoints and int(checkpoints[-1].name.removeprefix("step")) >= steps:
         return "done"
+    if checkpoints and _stopped(checkpoints[-1]):
+        return "done"
     return "partial" if checkpoints else "fresh"
+
+
+def _stopped(checkpoint: Path) -> bool:
+    try:
+        return bool(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")).get("stopped"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def is_lead() -> bool:
