@@ -300,8 +300,8 @@ def test_under_the_guards_cap_the_logged_lr_is_the_warmup_lr_times_its_scale(tmp
     assert scaled >= 1  # the guard cut the lr during warmup
 
 
-def test_measure_reads_the_lr_an_auto_warmup_run_takes(tmp_path):
-    # `sharpscope measure` on a checkpoint of an auto-warmup run: during warmup the
+def test_measure_and_mix_read_the_lr_an_auto_warmup_run_takes(tmp_path):
+    # `sharpscope measure` (and mix) on a checkpoint of an auto-warmup run: during warmup the
     # controller's last lr, after it the schedule of a fixed warmup of the measured length
     # (not the configured warmup_steps, which the run never used).
     from sharpscope.measure.series import MeasureOptions, find_checkpoints, open_checkpoints
@@ -324,3 +324,9 @@ def test_measure_reads_the_lr_an_auto_warmup_run_takes(tmp_path):
     config = _config(*args)
     for s in after:
         assert by_step[s].lr == lr_at(config, min(s, 19), warmup_steps=end)
+    # the data-mix advisor takes the same lr from the checkpoint
+    from sharpscope.experiments.mix import checkpoint_lr
+
+    for s in by_step:
+        state = json.loads((run / "checkpoints" / f"step{s:08d}" / "train_state.json").read_text())
+        assert checkpoint_lr(config, s, state) == by_step[s].lr

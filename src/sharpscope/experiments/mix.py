@@ -69,7 +69,7 @@ from ..training.config import TrainConfig
 from ..training.checkpoint import checkpoint_config
 from ..training.model import PRESETS
 from ..training.optimizers import build_optimizer, plain_optimizer
-from ..training.trainer import TOKENIZER_FILE, build_model, lm_loss, lr_at, make_run_tokenizer
+from ..training.trainer import TOKENIZER_FILE, build_model, lm_loss, make_run_tokenizer, run_lr
 from .plan import is_lead, parse_shape, run_state, train_from_state, with_current_defaults
 
 __all__ = [
@@ -514,10 +514,11 @@ def load_for_mix(checkpoint: Path, config: TrainConfig, vocab_size: int):
     return model, optimizer, state
 
 
-def checkpoint_lr(config: TrainConfig, step: int) -> float:
-    """The schedule's lr of the step after the checkpoint (the last step's lr at the end of
-    a run); the peak lr when the schedule has reached 0 there."""
-    lr = lr_at(config, min(step, config.steps - 1))
+def checkpoint_lr(config: TrainConfig, step: int, state: dict | None = None) -> float:
+    """The run's lr of the step after the checkpoint (the last step's lr at the end of a
+    run; an automatic warmup's from the checkpoint's ``state``); the peak lr when the
+    schedule has reached 0 there."""
+    lr = run_lr(config, state or {}, min(step, config.steps - 1))[0]
     return lr if lr > 0 else config.optim.lr
 
 
@@ -573,7 +574,7 @@ def run_mix(checkpoint: str | Path, pretrain: Sequence[str] | str, finetune: str
         wrapper = build_optimizer(config.optim, model)
     optimizer = plain_optimizer(wrapper)
     step = int(state["step"])
-    lr = checkpoint_lr(config, step)
+    lr = checkpoint_lr(config, step, state)
     grad_clip = config.optim.grad_clip if cfg.clip else 0.0
     model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer_state = copy.deepcopy(wrapper.state_dict())

@@ -53,7 +53,7 @@ from . import hf
 from ..training import data as data_lib
 from ..training.checkpoint import CHECKPOINTS, STATE_FILE, checkpoint_config, load_checkpoint, read_state
 from ..training.optimizers import build_optimizer, plain_optimizer
-from ..training.trainer import TOKENIZER_FILE, build_model, lm_loss, lm_sequence_losses, lr_at, make_run_tokenizer
+from ..training.trainer import TOKENIZER_FILE, build_model, lm_loss, lm_sequence_losses, make_run_tokenizer, run_lr
 from ..metrics import (CRITICAL, CRITICAL_SE, ETA_C, EVALS, LAMBDA_MAX, LR_OVER_ETA_C, PRECONDITIONED,
                        PRECONDITIONED_RATIO, PRECONDITIONED_THRESHOLD, TRACE, TRACE_PER_PARAM, TRACE_STDERR,
                        TRAIN_LOSS, TWO_OVER_LR, eval_loss_key)
@@ -300,7 +300,7 @@ class RunCheckpoints:
         optimizer = build_optimizer(config.optim, model)
         state = load_checkpoint(checkpoint.path, model, optimizer)
         step = int(state["step"])
-        lr, lr_source = _run_lr(config, state, min(step, config.steps - 1))
+        lr, lr_source = run_lr(config, state, min(step, config.steps - 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.eval()
@@ -310,21 +310,6 @@ class RunCheckpoints:
         extra = {"tokens": int(state["tokens"])} if isinstance(state.get("tokens"), (int, float)) else {}
         return Loaded(model, base, f"{name} state from the checkpoint", lr, lr_source, extra,
                       checkpoint.path)
-
-
-def _run_lr(config, state: dict, step: int) -> tuple[float, str]:
-    """The lr the run takes at ``step``, and where it comes from. An automatic warmup
-    (schedule.warmup = "auto") measured its length W: after it the schedule of a fixed
-    W-step warmup; during it the controller's last lr (the next depends on a reading the
-    checkpoint does not have)."""
-    warmup = state.get("warmup") if getattr(config.schedule, "warmup", "fixed") == "auto" else None
-    if not isinstance(warmup, dict):
-        return lr_at(config, step), "the run's schedule"
-    if warmup.get("end") is not None:
-        return lr_at(config, step, warmup_steps=int(warmup["end"])), "the run's schedule after its auto warmup"
-    if warmup.get("lr") is not None:
-        return float(warmup["lr"]), "the run's auto warmup (its last lr)"
-    return lr_at(config, step), "the run's schedule"
 
 
 def _hf_source(spec: str, folders: list[Path], options: MeasureOptions) -> data_lib.TokenSource:

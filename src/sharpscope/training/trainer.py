@@ -121,6 +121,22 @@ def lr_at(config: TrainConfig, step: int, *, warmup_steps: int | None = None) ->
     ))
 
 
+def run_lr(config: TrainConfig, state: dict, step: int) -> tuple[float, str]:
+    """The lr the run takes at ``step``, read from a checkpoint's state, and where it comes
+    from (``measure`` and ``mix`` name it). An automatic warmup
+    (schedule.warmup = "auto") measured its length W: after it the schedule of a fixed
+    W-step warmup; during it the controller's last lr (the next depends on a reading the
+    checkpoint does not have)."""
+    warmup = state.get("warmup") if getattr(config.schedule, "warmup", "fixed") == "auto" else None
+    if not isinstance(warmup, dict):
+        return lr_at(config, step), "the run's schedule"
+    if warmup.get("end") is not None:
+        return lr_at(config, step, warmup_steps=int(warmup["end"])), "the run's schedule after its auto warmup"
+    if warmup.get("lr") is not None:
+        return float(warmup["lr"]), "the run's auto warmup (its last lr)"
+    return lr_at(config, step), "the run's schedule"
+
+
 WARMUPS = ("fixed", "auto")
 
 # ScheduleConfig's auto-warmup fields and the controller's settings they set.
