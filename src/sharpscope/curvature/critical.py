@@ -169,13 +169,17 @@ class _Profile:
         self.examples: list | None = [] if objective.examples is not None else None
         self.extra_evals = 0
 
-    def probe(self, eta: float) -> tuple[float, bool, bool]:
-        """(f(η), increased, flat) with f(η) = (L(θ0 − η·d) − L0)/η, +inf for a non-finite
-        loss; increased means not decreased (flat or risen)."""
+    def _loss(self, eta: float) -> float:
+        """L(θ0 − η·d), the parameters set in place (a negative η steps along +d)."""
         with torch.no_grad():
             for p, o, d in zip(self.params, self.origin, self.direction):
                 p.copy_(o).add_(d, alpha=-eta)
-        loss = self.objective.value()
+        return self.objective.value()
+
+    def probe(self, eta: float) -> tuple[float, bool, bool]:
+        """(f(η), increased, flat) with f(η) = (L(θ0 − η·d) − L0)/η, +inf for a non-finite
+        loss; increased means not decreased (flat or risen)."""
+        loss = self._loss(eta)
         self.probes.append((eta, loss))
         if self.examples is not None:
             if self.objective.examples is None:
@@ -188,12 +192,9 @@ class _Profile:
         return change / eta, not change < -self.band, abs(change) <= self.band
 
     def loss_at(self, eta: float) -> float:
-        """L(θ0 − η·d) outside the search's record (a negative η steps along +d)."""
-        with torch.no_grad():
-            for p, o, d in zip(self.params, self.origin, self.direction):
-                p.copy_(o).add_(d, alpha=-eta)
+        """L(θ0 − η·d) outside the search's record (counted in ``evals``)."""
         self.extra_evals += 1
-        return self.objective.value()
+        return self._loss(eta)
 
     @property
     def evals(self) -> int:

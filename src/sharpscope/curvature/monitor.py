@@ -283,10 +283,12 @@ class SharpnessMonitor:
         return self.exact_every > 0 and step % self.exact_every == 0
 
     @contextmanager
-    def around_step(self, step: int, batch: Any = None) -> Iterator[DirectionCapture | None]:
+    def around_step(self, step: int, batch: Any = None, *,
+                    due: bool | None = None) -> Iterator[DirectionCapture | None]:
         """Wrap ``optimizer.step()``; measures afterwards when ``step`` is due. ``batch`` is
-        the probe for ``probe="step"`` or ``"next"`` (ignored for "fixed")."""
-        capture = self.begin_step(step, batch=batch)
+        the probe for ``probe="step"`` or ``"next"`` (ignored for "fixed"); ``due``
+        overrides the monitor's own cadence as in :meth:`begin_step`."""
+        capture = self.begin_step(step, batch=batch, due=due)
         try:
             yield capture
         except BaseException:

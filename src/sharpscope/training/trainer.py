@@ -26,7 +26,7 @@ read them instead of the shards the optimizer has updated since.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -567,8 +567,8 @@ class Trainer:
             # norm clip_grad_norm_ reduces over the mesh).
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self._parameters, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-            with self._monitored(step, self._probe_for(step, batch)) if self.monitor is not None \
-                    else nullcontext():
+            with self.monitor.around_step(step, self._probe_for(step, batch), due=self._monitor_due(step)) \
+                    if self.monitor is not None else nullcontext():
                 self.optimizer.step()
             if self.warmup is not None and self.monitor.latest is not None and ETA_C in self.monitor.latest:
                 self.warmup.update(eta=self.monitor.last.eta, status=self.monitor.last.status)
@@ -593,14 +593,6 @@ class Trainer:
     def _monitor_due(self, step: int) -> bool:
         """The monitor's cadence, made denser by an automatic warmup while it lasts."""
         return self.monitor.due(step) or (self.warmup is not None and self.warmup.due(step))
-
-    @contextmanager
-    def _monitored(self, step: int, batch):
-        """``monitor.around_step`` with the trainer's cadence. An exception in the step
-        ends the run, so the monitor is not needed afterwards."""
-        self.monitor.begin_step(step, batch=batch, due=self._monitor_due(step))
-        yield
-        self.monitor.end_step()
 
     def _probe_for(self, step: int, batch):
         """The monitor's probe for ``probe = "step"`` (this step's batch) or ``"next"`` (the
