@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -23,6 +24,25 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 T = TypeVar("T")
+
+
+def check_number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+                 high_open: bool = False, what: str) -> None:
+    """Raise ValueError ``"<name> must be <what>, not <value>"`` unless ``value`` is a finite
+    real number (not a bool) between ``low`` and ``high``, each end open or closed. The
+    settings checks of the stability guard and the automatic warmup share it."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        raise ValueError(f"{name} must be {what}, not {value!r}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise ValueError ``"<name> must be a positive integer, not <value>"`` unless ``value``
+    is an int (not a bool) of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -45,6 +45,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import check_number, check_positive_int
 from ..metrics import (STABILITY_ALARM, STABILITY_LR_SCALE, STABILITY_RATIO, STABILITY_RATIO_LOWER,
                        STABILITY_STOP)
 
@@ -91,27 +92,18 @@ class GuardSettings:
         return dataclasses.asdict(self)
 
 
-def _number(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
-            high_open: bool = False, what: str = "") -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        raise ValueError(f"guard {name} must be {what}, not {value!r}")
-
-
 def check_guard_settings(settings: GuardSettings) -> None:
     """Raise ValueError (one line: what is wrong, what is allowed)."""
     if settings.action not in ACTIONS:
         raise ValueError(f"guard action must be one of {', '.join(ACTIONS)}, not {settings.action!r}")
-    _number("threshold", settings.threshold, 0, low_open=True, what="a positive number such as 1.0")
-    if isinstance(settings.patience, bool) or not isinstance(settings.patience, int) or settings.patience < 1:
-        raise ValueError(f"guard patience must be a positive integer, not {settings.patience!r}")
-    _number("smoothing", settings.smoothing, 0, 1, high_open=True, what="a number in [0, 1)")
-    _number("confidence", settings.confidence, 0, what="a number >= 0 (standard errors)")
-    _number("cap_factor", settings.cap_factor, 0, 1, low_open=True, high_open=True, what="a number in (0, 1)")
-    _number("recovery", settings.recovery, 1, what="a number >= 1 (1: never recover)")
-    _number("min_scale", settings.min_scale, 0, 1, low_open=True, what="a number in (0, 1]")
+    check_number("guard threshold", settings.threshold, 0, low_open=True, what="a positive number such as 1.0")
+    check_positive_int("guard patience", settings.patience)
+    check_number("guard smoothing", settings.smoothing, 0, 1, high_open=True, what="a number in [0, 1)")
+    check_number("guard confidence", settings.confidence, 0, what="a number >= 0 (standard errors)")
+    check_number("guard cap_factor", settings.cap_factor, 0, 1, low_open=True, high_open=True,
+                 what="a number in (0, 1)")
+    check_number("guard recovery", settings.recovery, 1, what="a number >= 1 (1: never recover)")
+    check_number("guard min_scale", settings.min_scale, 0, 1, low_open=True, what="a number in (0, 1]")
     if settings.noisy_probe not in NOISY_PROBE:
         raise ValueError(f"guard noisy_probe must be one of {', '.join(NOISY_PROBE)}, not {settings.noisy_probe!r}")
 

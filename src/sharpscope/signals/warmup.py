@@ -38,6 +38,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import check_number, check_positive_int
+
 __all__ = ["AutoWarmup", "WarmupSettings", "check_warmup_settings"]
 
 
@@ -62,27 +64,16 @@ class WarmupSettings:
         return dataclasses.asdict(self)
 
 
-def _number(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool,
-            what: str) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        raise ValueError(f"warmup {name} must be {what}, not {value!r}")
-
-
 def check_warmup_settings(settings: WarmupSettings) -> None:
     """Raise ValueError (one line: what is wrong, what is allowed)."""
-    _number("target", settings.target, 0, math.inf, low_open=True, high_open=True,
-            what="a positive number such as 0.5")
-    _number("growth", settings.growth, 1, math.inf, low_open=True, high_open=True,
-            what="a number above 1 such as 1.2")
-    _number("init", settings.init, 0, 1, low_open=True, high_open=False, what="a number in (0, 1]")
-    _number("smoothing", settings.smoothing, 0, 1, low_open=False, high_open=True, what="a number in [0, 1)")
-    if isinstance(settings.every, bool) or not isinstance(settings.every, int) or settings.every < 1:
-        raise ValueError(f"warmup every must be a positive integer, not {settings.every!r}")
-    _number("max_fraction", settings.max_fraction, 0, 1, low_open=False, high_open=False,
-            what="a number in [0, 1]")
+    check_number("warmup target", settings.target, 0, low_open=True, high_open=True,
+                 what="a positive number such as 0.5")
+    check_number("warmup growth", settings.growth, 1, low_open=True, high_open=True,
+                 what="a number above 1 such as 1.2")
+    check_number("warmup init", settings.init, 0, 1, low_open=True, what="a number in (0, 1]")
+    check_number("warmup smoothing", settings.smoothing, 0, 1, high_open=True, what="a number in [0, 1)")
+    check_positive_int("warmup every", settings.every)
+    check_number("warmup max_fraction", settings.max_fraction, 0, 1, what="a number in [0, 1]")
 
 
 class AutoWarmup:
