@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.training import train_one_thread
 from sharpscope.metrics import ETA_C, WARMUP_CAP, WARMUP_LR, WARMUP_STEPS
 from sharpscope.signals import AutoWarmup, WarmupSettings, check_warmup_settings
 
@@ -172,17 +173,7 @@ def _config(*extra: str):
 
 
 def _train(out: Path, *extra: str, resume: bool = False) -> Path:
-    from sharpscope.training.trainer import Trainer
-
-    # One thread for speed; put the count back so later tests (a subprocess run compared
-    # with an in-process one) reduce in the same order as they would alone.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(_config(*extra), out, resume=resume).run()
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return train_one_thread(out, [*TINY, *extra], resume=resume)
 
 
 def _rows(run: Path) -> list[dict]:

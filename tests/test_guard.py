@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.training import train_one_thread
 from sharpscope.curvature.guard import GuardSettings, StabilityGuard, make_guard
 from sharpscope.metrics import (STABILITY_ALARM, STABILITY_LR_SCALE, STABILITY_RATIO, STABILITY_RATIO_LOWER,
                                 STABILITY_STOP)
@@ -254,17 +255,7 @@ TINY = ["progress=false", "model.preset=nano", "model.block_size=16", "data.batc
 
 
 def _train(out: Path, *extra: str, resume: bool = False, base: list[str] = TINY) -> Path:
-    from sharpscope.config import load_config
-    from sharpscope.training.config import TrainConfig
-    from sharpscope.training.trainer import Trainer
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(load_config(TrainConfig, None, [*base, *extra]), out, resume=resume).run()
-    finally:  # later tests compare in-process runs with subprocess ones at their own count
-        torch.set_num_threads(threads)
-    return out
+    return train_one_thread(out, [*base, *extra], resume=resume)
 
 
 def _rows(run: Path) -> list[dict]:
