@@ -320,6 +320,15 @@ def table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _loss_panel(ax, r: Run, *, first: bool) -> None:
+    """The full-batch training loss under a run's sharpness panel (log scale)."""
+    ax.plot(np.arange(r.loss.size), r.loss, lw=0.8, color="tab:green")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    if first:
+        ax.set_ylabel("training loss (full batch)")
+
+
 def draw(runs: list[Run], figures: Path) -> list[Path]:
     """One PNG per experiment: a column per learning rate."""
     import matplotlib
@@ -346,12 +355,7 @@ def draw(runs: list[Run], figures: Path) -> list[Path]:
             if j == 0:
                 ax.set_ylabel("sharpness")
                 ax.legend(fontsize=7, loc="lower right", markerscale=6)
-            ax = axes[1, j]
-            ax.plot(np.arange(r.loss.size), r.loss, lw=0.8, color="tab:green")
-            ax.set_yscale("log")
-            ax.set_xlabel("step")
-            if j == 0:
-                ax.set_ylabel("training loss (full batch)")
+            _loss_panel(axes[1, j], r, first=j == 0)
         fig.tight_layout()
         written.append(atomic_write_png(fig, figures / "validation_gd.png", dpi=100))
     adam = [r for r in runs if r.optimizer == "adam"]
@@ -370,12 +374,7 @@ def draw(runs: list[Run], figures: Path) -> list[Path]:
             if j == 0:
                 ax.set_ylabel("sharpness")
                 ax.legend(fontsize=7, loc="center right")
-            ax = axes[1, j]
-            ax.plot(np.arange(r.loss.size), r.loss, lw=0.8, color="tab:green")
-            ax.set_yscale("log")
-            ax.set_xlabel("step")
-            if j == 0:
-                ax.set_ylabel("training loss (full batch)")
+            _loss_panel(axes[1, j], r, first=j == 0)
         fig.tight_layout()
         written.append(atomic_write_png(fig, figures / "validation_adam.png", dpi=100))
     return written
