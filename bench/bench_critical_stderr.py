@@ -25,16 +25,12 @@ import torch
 
 from sharpscope.config import load_config
 from sharpscope.curvature import critical_sharpness, update_direction
+from sharpscope.curvature.bootstrap import half_width_68
 from sharpscope.training import data as data_lib
 from sharpscope.training.config import TrainConfig
 from sharpscope.training.trainer import Trainer, lm_loss, lm_sequence_losses
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def half_68(values: np.ndarray) -> float:
-    lo, hi = np.quantile(values, [0.15865525, 0.84134475])
-    return 0.5 * float(hi - lo)
 
 
 def main() -> None:
@@ -74,7 +70,7 @@ def main() -> None:
                     else:
                         failed += 1
                 values = np.array(values)
-                spread, reported = half_68(values), float(np.median(errors))
+                spread, reported = half_width_68(values), float(np.median(errors))
                 name = "held-out" if split == "val" else "training windows"
                 print(f"| {name} | {n} | {len(values)} ({failed}) | {np.median(values):.1f} | {spread:.1f} | "
                       f"{reported:.1f} | {reported / spread:.2f} |")

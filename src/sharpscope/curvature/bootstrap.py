@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["REPLICATES", "BootstrapSpread", "bootstrap_spread"]
+__all__ = ["REPLICATES", "BootstrapSpread", "bootstrap_spread", "half_width_68"]
 
 REPLICATES = 200
 """Bootstrap replicates per measurement: the standard error is then known to about 5%."""
@@ -56,7 +56,7 @@ class BootstrapSpread:
     etas: np.ndarray
 
 
-def _half_68(values: np.ndarray) -> float:
+def half_width_68(values: np.ndarray) -> float:
     """Half the width of the central 68% of ``values`` (which may hold ±inf)."""
     with np.errstate(invalid="ignore"):  # inf − inf between infinite order statistics
         lo, hi = np.quantile(np.sort(values), [_LOW, _HIGH])
@@ -148,4 +148,4 @@ def bootstrap_spread(
     etas = replicate_etas(np.asarray(probe_etas, dtype=np.float64), changes, band)
     with np.errstate(divide="ignore"):
         sharpness = np.where(etas > 0, 2.0 / etas, np.inf)
-    return BootstrapSpread(eta_stderr=_half_68(etas), stderr=_half_68(sharpness), etas=etas)
+    return BootstrapSpread(eta_stderr=half_width_68(etas), stderr=half_width_68(sharpness), etas=etas)
