@@ -267,6 +267,8 @@ def test_fixed_warmup_is_the_default_and_writes_the_run_it_always_did(tmp_path):
     (["schedule.warmup=auto", "schedule.warmup_growth=0.9"], "schedule.warmup_growth must be a number above 1"),
     (["schedule.warmup=auto", "schedule.warmup_max_fraction=2"],
      "schedule.warmup_max_fraction must be a number in [0, 1]"),
+    # checked with a fixed warmup too: the bad value fails before the run that turns auto on
+    (["schedule.warmup_target=0"], "schedule.warmup_target must be"),
 ])
 def test_bad_warmup_options_fail_in_one_line(tmp_path, args, message):
     from sharpscope.errors import UserError

@@ -330,6 +330,9 @@ def test_guard_needs_the_monitor(tmp_path):
         _train(tmp_path / "run", "steps=2", "monitor.every=0", "guard.action=warn")
     with pytest.raises(UserError, match="guard.patience must be"):
         _train(tmp_path / "run2", "steps=2", "guard.action=warn", "guard.patience=0")
+    # checked with the guard off too: the bad value fails before the run that turns it on
+    with pytest.raises(UserError, match="guard.cap_factor must be"):
+        _train(tmp_path / "run3", "steps=2", "guard.cap_factor=2")
 
 
 SPIKY = ["progress=false", "model.preset=nano", "model.block_size=32", "data.batch_size=4",

@@ -35,10 +35,9 @@ import numpy as np
 
 from ..metrics import CRITICAL, ETA_C, ETA_C_SE, EVALS, FAILED_PREFIX
 from ..runs import Run
+from ..signals.phase import SHARPNESS_PER_ETA  # λ_c = 2/η_c, one constant for the live reader and this
 
 OK, NOT_DESCENT, NO_INCREASE, MISSING = "ok", "not_descent", "no_increase", "missing"
-SHARPNESS_PER_ETA = 2.0
-"""λ_c = 2/η_c."""
 PEAK_MIN_POINTS = 3
 """Fewest measurements in a window (final, peak, smoothed curve): one spike alone is not a
 peak, and one uphill update alone is not a final value."""

@@ -36,6 +36,7 @@ PHASES = ("undecided", "rise", "decay", "plateau")
 """``phase/code`` is the index into this tuple."""
 
 SHARPNESS_PER_ETA = 2.0
+"""λ_c = 2/η_c (also analysis.etaspace's: the live reader and the offline summaries agree)."""
 
 
 @dataclass

@@ -161,15 +161,16 @@ def _check(config: TrainConfig) -> None:
         raise UserError(f"unknown schedule '{config.schedule.name}'; choose one of {', '.join(SCHEDULES)}")
     if config.schedule.warmup not in WARMUPS:
         raise UserError(f"schedule.warmup must be one of {', '.join(WARMUPS)}, got '{config.schedule.warmup}'")
-    if config.schedule.warmup == "auto":
-        if config.monitor.every < 1:
-            raise UserError("schedule.warmup=auto reads the monitor's measurements: set monitor.every > 0")
-        try:
-            check_warmup_settings(warmup_settings(config))
-        except ValueError as exc:
-            name = str(exc).split()[1]
-            field = next(k for k, v in _WARMUP_FIELDS.items() if v == name)
-            raise UserError(str(exc).replace(f"warmup {name}", f"schedule.{field}", 1)) from None
+    if config.schedule.warmup == "auto" and config.monitor.every < 1:
+        raise UserError("schedule.warmup=auto reads the monitor's measurements: set monitor.every > 0")
+    # The auto-warmup and guard settings are checked even when they are not in use, so a
+    # bad value fails now rather than on the run that first switches them on.
+    try:
+        check_warmup_settings(warmup_settings(config))
+    except ValueError as exc:
+        name = str(exc).split()[1]
+        field = next(k for k, v in _WARMUP_FIELDS.items() if v == name)
+        raise UserError(str(exc).replace(f"warmup {name}", f"schedule.{field}", 1)) from None
     if config.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"on_nonfinite must be 'stop' or 'skip', got '{config.on_nonfinite}'")
     for name in ("every", "exact_every"):
@@ -186,13 +187,12 @@ def _check(config: TrainConfig) -> None:
     guard = config.guard
     if guard.action not in GUARD_ACTIONS:
         raise UserError(f"guard.action must be one of {', '.join(GUARD_ACTIONS)}, got '{guard.action}'")
-    if guard.action != "off":
-        if config.monitor.every < 1:
-            raise UserError(f"guard.action={guard.action} reads the monitor's measurements: set monitor.every > 0")
-        try:
-            check_guard_settings(GuardSettings(**to_dict(guard)))
-        except ValueError as exc:
-            raise UserError(str(exc).replace("guard ", "guard.", 1)) from None
+    if guard.action != "off" and config.monitor.every < 1:
+        raise UserError(f"guard.action={guard.action} reads the monitor's measurements: set monitor.every > 0")
+    try:
+        check_guard_settings(GuardSettings(**to_dict(guard)))
+    except ValueError as exc:
+        raise UserError(str(exc).replace("guard ", "guard.", 1)) from None
     if config.data.batch_size < 1 or config.model.block_size < 2:
         raise UserError("data.batch_size must be >= 1 and model.block_size >= 2")
     if config.data.weights and len(config.data.weights) != len(config.data.sources):
