@@ -27,7 +27,9 @@ refuses a ``run_dir`` that already holds rows unless ``overwrite=True``.
 ``guard=`` (a monitor option, docs/guard.md) adds the stability guard: its ``stability/*``
 metrics reach the logs with the measurement, an alarm or a cut of the lr is a warning on
 the ``sharpscope.guard`` logger, ``cap`` scales every group's lr on top of the Trainer's
-scheduler, and ``stop`` sets ``control.should_training_stop`` (with a checkpoint, unless
+scheduler (the run directory's ``lr`` is then the lr applied, the scheduler's times the
+scale, as in Lightning's runs and the trainer's; HF's own ``learning_rate`` stays the
+scheduler's), and ``stop`` sets ``control.should_training_stop`` (with a checkpoint, unless
 ``save_strategy="no"``). The guard's state travels with the monitor's.
 """
 
@@ -200,6 +202,12 @@ class SharpnessCallback(TrainerCallback):
         row = {_LOG_KEYS[k]: float(v) for k, v in logs.items() if k in _LOG_KEYS and isinstance(v, (int, float))}
         if row.get("lr") == 0:
             row.pop("lr")
+        monitor = self.recorder.monitor
+        if "lr" in row and monitor is not None and monitor.step_lr_scale != 1.0:
+            # HF logs the scheduler's lr; the run's lr is the one the step applied (a cap's
+            # scale included), so lr/η_c and 2/lr hold on its rows as in the trainer's and
+            # Lightning's. This log follows the step it reports: its scale is still current.
+            row["lr"] *= monitor.step_lr_scale
         self.recorder.add(state.global_step, row, state.max_steps or None)
 
     def on_save(self, args, state, control, **kwargs):
