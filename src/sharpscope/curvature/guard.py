@@ -28,8 +28,10 @@ and the action follows:
   least ``min_scale`` in all: the smoothed ratio at the capped lr becomes at most
   ``cap_factor · threshold``. The streak starts again, so a further cut needs
   ``patience`` more readings above. Every reading judged at or below the threshold
-  multiplies the scale by ``recovery`` (up to 1): back toward the scheduled lr while the
-  run stays stable;
+  multiplies the scale by ``recovery`` (up to 1). The default, 1, never recovers: under
+  Adam the ratio comes back to about where it was as the curvature adapts to the new lr,
+  so a recovered lr brings the instability back (docs/guard.md, "What the bench
+  measured");
 * ``stop``: the guard asks the caller to end the run.
 
 Pure arithmetic on floats: no model, no torch. The monitor feeds it (``guard=``) and
@@ -73,15 +75,17 @@ class GuardSettings:
     critical lr)."""
     patience: int = 2
     """Consecutive readings above the threshold before the alarm."""
-    smoothing: float = 0.5
-    """Weight kept from the past in the moving average of η_c (0: no smoothing)."""
+    smoothing: float = 0.8
+    """Weight kept from the past in the moving average of η_c (0: no smoothing; 0.8 warned
+    of the most loss spikes per false alarm in bench/bench_guard.py)."""
     confidence: float = 1.0
     """z: judge lr/(η̄ + z·se(η̄)), so a ratio must be above the threshold by z standard
     errors of η̄ (0: judge the ratio itself; readings without errors count as exact)."""
     cap_factor: float = 0.5
     """cap: each alarm scales the lr by cap_factor·min(1, threshold/ratio)."""
-    recovery: float = 1.1
-    """cap: each reading at or below the threshold multiplies the scale by this (up to 1)."""
+    recovery: float = 1.0
+    """cap: each reading at or below the threshold multiplies the scale by this (up to 1;
+    1: a cut is kept, which ended runs lower than 1.1 did in bench/bench_guard.py)."""
     min_scale: float = 0.01
     """cap: the scale never goes below this."""
     noisy_probe: str = "skip"

@@ -171,14 +171,15 @@ class GuardConfig:
     """Alarm when the smoothed lr/η_c stays above this."""
     patience: int = 2
     """Consecutive measurements above the threshold before the alarm."""
-    smoothing: float = 0.5
+    smoothing: float = 0.8
     """Weight kept from the past in the moving average of η_c (0: none)."""
     confidence: float = 1.0
     """Standard errors of the smoothed η_c the ratio must clear (0: judge the ratio itself)."""
     cap_factor: float = 0.5
     """cap: each alarm scales the lr by cap_factor·min(1, threshold/ratio)."""
-    recovery: float = 1.1
-    """cap: each measurement at or below the threshold multiplies the scale by this, up to 1."""
+    recovery: float = 1.0
+    """cap: each measurement at or below the threshold multiplies the scale by this, up to 1
+    (1: a cut is kept)."""
     min_scale: float = 0.01
     """cap: lowest lr scale."""
     noisy_probe: str = "skip"
