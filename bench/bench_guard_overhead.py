@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from sharpscope.config import load_config
 from sharpscope.curvature.guard import StabilityGuard
 from sharpscope.curvature.monitor import SharpnessMonitor
