@@ -47,7 +47,8 @@ was tuned on. The guard's defaults are scored as they are too.
 Then every setting whose run was unstable is run again with ``cap`` (the guard's
 defaults plus the command line's overrides, at ``--cap-every``).
 
-    python bench/bench_guard.py --quick            # about 10 minutes on 2 CPU cores
+    python bench/bench_guard.py --quick            # about 15 minutes on 2 CPU cores
+    python bench/bench_guard.py                    # docs/guard.md's 180 runs: about 40 minutes
     python bench/bench_guard.py --device cuda --jobs 16 --sizes tiny,1x48,2x96
 """
 
@@ -84,8 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="tiny,1x48", help="presets or LxD shapes")
     p.add_argument("--lrs", default="3e-3,1e-2,3e-2,1e-1,3e-1,1")
     p.add_argument("--warmups", default="0,20,150", help="warmup steps of the lr sweep")
-    p.add_argument("--tune-seeds", default="0,1,2")
-    p.add_argument("--test-seeds", default="3,4")
+    p.add_argument("--tune-seeds", default="0,1")
+    p.add_argument("--test-seeds", default="2,3,4")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--clip", type=float, default=0.0, help="gradient clipping (0: none, so runs can spike)")
     p.add_argument("--window", type=int, default=20)
