@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.training import train_one_thread
+from support.training import final_weights, run_rows, train_one_thread
 from sharpscope.metrics import ETA_C, WARMUP_CAP, WARMUP_LR, WARMUP_STEPS
 from sharpscope.signals import AutoWarmup, WarmupSettings, check_warmup_settings
 
@@ -176,21 +176,11 @@ def _train(out: Path, *extra: str, resume: bool = False) -> Path:
     return train_one_thread(out, [*TINY, *extra], resume=resume)
 
 
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run: Path):
-    from safetensors.torch import load_file
-
-    return load_file(str(sorted((run / "checkpoints").glob("step*"))[-1] / "model.safetensors"))
-
-
 def test_auto_warmup_applies_and_logs_its_lr_under_the_cap_then_hands_over_to_the_schedule(tmp_path):
     from sharpscope.training.trainer import lr_at
 
     args = ["steps=24", "optim.lr=0.3", *AUTO]
-    rows = _rows(_train(tmp_path / "run", *args))[1:]
+    rows = run_rows(_train(tmp_path / "run", *args))[1:]
     warm = [r for r in rows if WARMUP_LR in r]
     end = next(r for r in rows if WARMUP_STEPS in r)
     w = end[WARMUP_STEPS]
@@ -234,10 +224,10 @@ def test_auto_warmup_resumes_bit_identically(tmp_path):
     state = json.loads((part / "checkpoints" / "step00000006" / "train_state.json").read_text())
     assert state["warmup"]["end"] is None and state["warmup"]["readings"] == 6  # mid-warmup
     _train(part, *args, resume=True)
-    rows = _rows(whole)
+    rows = run_rows(whole)
     assert any(WARMUP_STEPS in r for r in rows[7:])  # warmup ended after the checkpoint
-    assert _rows(part) == rows
-    a, b = _weights(part), _weights(whole)
+    assert run_rows(part) == rows
+    a, b = final_weights(part), final_weights(whole)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -250,7 +240,7 @@ def test_fixed_warmup_is_the_default_and_writes_the_run_it_always_did(tmp_path):
                                                    "warmup_steps"]
     state = json.loads((out / "checkpoints" / "step00000006" / "train_state.json").read_text())
     assert "warmup" not in state
-    rows = _rows(out)[1:]
+    rows = run_rows(out)[1:]
     assert not any(k.startswith("schedule/") for r in rows for k in r)
     cfg = _config("steps=6", "schedule.warmup_steps=3")
     assert [r["lr"] for r in rows] == [lr_at(cfg, s) for s in range(6)]
@@ -282,7 +272,7 @@ def test_bad_warmup_options_fail_in_one_line(tmp_path, args, message):
 def test_under_the_guards_cap_the_logged_lr_is_the_warmup_lr_times_its_scale(tmp_path):
     from sharpscope.metrics import STABILITY_LR_SCALE
 
-    rows = _rows(_train(tmp_path / "run", "steps=12", "optim.lr=0.3", *AUTO, "guard.action=cap",
+    rows = run_rows(_train(tmp_path / "run", "steps=12", "optim.lr=0.3", *AUTO, "guard.action=cap",
                         "guard.threshold=0.1", "guard.patience=1"))[1:]
     scale, scaled = 1.0, 0
     for r in rows:
@@ -302,7 +292,7 @@ def test_measure_and_mix_read_the_lr_an_auto_warmup_run_takes(tmp_path):
 
     args = ["steps=20", "optim.lr=0.3", *AUTO, "checkpoint.every=6", "checkpoint.keep=5"]
     run = _train(tmp_path / "run", *args)
-    rows = _rows(run)
+    rows = run_rows(run)
     end = next(int(r[WARMUP_STEPS]) for r in rows if WARMUP_STEPS in r)
     options = MeasureOptions(batch_size=4, n_batches=1, lanczos_iters=0, trace_samples=0, device="cpu")
     series = find_checkpoints(run / "checkpoints")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.training import train_one_thread
+from support.training import final_weights, run_rows, train_one_thread
 from sharpscope.curvature.guard import GuardSettings, StabilityGuard, make_guard
 from sharpscope.metrics import (STABILITY_ALARM, STABILITY_LR_SCALE, STABILITY_RATIO, STABILITY_RATIO_LOWER,
                                 STABILITY_STOP)
@@ -258,25 +258,15 @@ def _train(out: Path, *extra: str, resume: bool = False, base: list[str] = TINY)
     return train_one_thread(out, [*base, *extra], resume=resume)
 
 
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run: Path):
-    from safetensors.torch import load_file
-
-    return load_file(str(sorted((run / "checkpoints").glob("step*"))[-1] / "model.safetensors"))
-
-
 def test_warn_guard_leaves_the_trainer_bit_identical(tmp_path):
     common = ["steps=12", "optim.lr=3e-2"]
     warned = _train(tmp_path / "warn", *common, "guard.action=warn", "guard.threshold=0.01", "guard.patience=1")
     plain = _train(tmp_path / "plain", *common)
-    rows = _rows(warned)
+    rows = run_rows(warned)
     assert any(r.get(STABILITY_ALARM) == 1.0 for r in rows)
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("stability/")} for r in rs]
-    assert strip(rows) == _rows(plain)
-    a, b = _weights(warned), _weights(plain)
+    assert strip(rows) == run_rows(plain)
+    a, b = final_weights(warned), final_weights(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)
     config = json.loads((plain / "config.json").read_text())
     assert "guard" not in config["train"]  # off: the config.json of a run without the guard
@@ -296,16 +286,16 @@ def test_cap_resumes_bit_identically(tmp_path):
     state = json.loads((part / "checkpoints" / "step00000008" / "train_state.json").read_text())
     assert state["monitor"]["guard"]["cuts"] >= 1  # the cap acted before the checkpoint
     _train(part, *args, resume=True)
-    assert _rows(part) == _rows(whole)
-    assert any(r.get(STABILITY_LR_SCALE, 1.0) < 1.0 for r in _rows(whole))  # the cap acted
-    a, b = _weights(part), _weights(whole)
+    assert run_rows(part) == run_rows(whole)
+    assert any(r.get(STABILITY_LR_SCALE, 1.0) < 1.0 for r in run_rows(whole))  # the cap acted
+    a, b = final_weights(part), final_weights(whole)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_stop_ends_the_run_with_a_checkpoint_and_says_why(tmp_path, capsys):
     out = _train(tmp_path / "run", "steps=40", "optim.lr=3e-2", "guard.action=stop", "guard.threshold=0.01",
                  "guard.patience=2")
-    rows = _rows(out)
+    rows = run_rows(out)
     last = rows[-1]
     assert last["step"] == 3 and last[STABILITY_STOP] == 1.0  # measured at steps 1 and 3 (every 2)
     assert "eval/loss" in last  # evaluated as at a planned end
@@ -354,7 +344,7 @@ def test_cap_rescues_a_run_that_spikes_without_it(tmp_path):
     for seed in range(4):
         for action in ("off", "cap"):
             out = _train(tmp_path / f"{action}{seed}", f"seed={seed}", f"guard.action={action}", base=SPIKY)
-            rows = _rows(out)
+            rows = run_rows(out)
             assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
             final[action, seed] = rows[-1]["eval/loss"]
             if action == "off":

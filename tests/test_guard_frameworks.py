@@ -27,9 +27,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-VOCAB, BLOCK = 64, 16
+from support.tiny_lm import BLOCK, VOCAB, counting_tokens, lightning_tiny_lm
+from support.training import run_rows
+
 ALARM = {"threshold": 1e-6, "patience": 1}  # every reading is far above: the alarm fires at once
 GUARD_LOGGER = "sharpscope.guard"
 
@@ -42,18 +43,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _tokens(n=64, seed=0):
-    """Sequences that count up modulo VOCAB by 1, 2 or 3 from a random start: learnable."""
-    gen = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, VOCAB, (n, 1), generator=gen)
-    stride = torch.randint(1, 4, (n, 1), generator=gen)
-    return (start + stride * torch.arange(BLOCK)) % VOCAB
-
-
-def _rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _measured(rows):
@@ -103,7 +92,7 @@ def _hf_train(out, guard, *, chainable=False, lr=1e-2, **overrides):
     from sharpscope.integrations.hf import SharpnessCallback
 
     class Tokens(Dataset):
-        ids = _tokens(64)
+        ids = counting_tokens(64)
 
         def __len__(self):
             return len(self.ids)
@@ -130,7 +119,7 @@ def _hf_train(out, guard, *, chainable=False, lr=1e-2, **overrides):
         optimizers = (opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8))
         _record_applied_lrs(opt, record.applied)
     run_dir = out / "run"
-    ids = _tokens(8, seed=1)
+    ids = counting_tokens(8, seed=1)
     callback = SharpnessCallback({"input_ids": ids, "labels": ids}, every=1, run_dir=run_dir, guard=guard)
     settings = dict(output_dir=str(out / "hf"), max_steps=6, per_device_train_batch_size=8, logging_steps=1,
                     report_to=[], use_cpu=True, save_strategy="no", learning_rate=lr, disable_tqdm=True, seed=0)
@@ -150,7 +139,7 @@ def test_hf_warn_logs_the_alarm_and_leaves_training_bit_identical(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger=GUARD_LOGGER):
         warned, _, _, run_dir = _hf_train(tmp_path / "warn", {"action": "warn", **ALARM})
     plain, _, _, plain_dir = _hf_train(tmp_path / "plain", None)
-    rows, plain_rows = _measured(_rows(run_dir)), _measured(_rows(plain_dir))
+    rows, plain_rows = _measured(run_rows(run_dir)), _measured(run_rows(plain_dir))
     assert sorted(rows) == sorted(plain_rows) == [1, 2, 3, 4, 5, 6]
     assert any(r.get("stability/alarm") == 1 for r in rows.values()), "the alarm fired"
     assert all("stability/lr_scale" not in r for r in rows.values())
@@ -169,7 +158,7 @@ def test_hf_cap_with_accumulation_scales_each_optimizer_step_and_never_compounds
     # One lr per optimizer step (not per micro-batch), the scheduler's uncapped ones decaying.
     assert len(applied) == len(scheduled) == 6
     assert scheduled == pytest.approx([1e-2 * 0.8 ** k for k in range(6)], rel=1e-12)
-    rows = _measured(_rows(run_dir))
+    rows = _measured(run_rows(run_dir))
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]
     assert any(r["stability/lr_scale"] < 1 for r in rows.values())
     for step in range(1, 7):  # HF counts optimizer steps from 1
@@ -180,7 +169,7 @@ def test_hf_cap_with_accumulation_scales_each_optimizer_step_and_never_compounds
         assert row["sharpness/lr_over_eta_c"] * row["sharpness/eta_c"] == pytest.approx(applied[step - 1],
                                                                                           rel=1e-9)
     assert min(applied[k] / scheduled[k] for k in range(6)) < 1
-    _assert_rows_carry_the_applied_lr(_rows(run_dir), {k + 1: lr for k, lr in enumerate(applied)})
+    _assert_rows_carry_the_applied_lr(run_rows(run_dir), {k + 1: lr for k, lr in enumerate(applied)})
     # HF's own log keeps the scheduler's lr (docs/integrations.md).
     logged = [e["learning_rate"] for e in capped.state.log_history if "learning_rate" in e]
     assert logged == scheduled
@@ -197,7 +186,7 @@ def test_hf_cap_through_a_warmup_from_lr_zero(tmp_path):
                                                 **common)
     plain, plain_sched, scheduled, _ = _hf_train(tmp_path / "plain", None, **common)
     assert scheduled[0] == 0.0 and applied[0] == 0.0 and len(applied) == 8
-    all_rows = _rows(run_dir)
+    all_rows = run_rows(run_dir)
     rows = _measured(all_rows)
     # Step 1 (lr 0) has no direction: its measurement, and the guard's first reading, is step 2's.
     assert sorted(rows) == [2, 3, 4, 5, 6, 7, 8]
@@ -224,7 +213,7 @@ def test_hf_stop_ends_training_early_with_a_checkpoint_of_the_stopping_step(tmp_
     stopped = trainer.state.global_step
     assert stopped < 8 and len(applied) == stopped
     assert trainer.control.should_training_stop
-    rows = _measured(_rows(run_dir))
+    rows = _measured(run_rows(run_dir))
     assert [s for s, r in rows.items() if r.get("stability/stop") == 1] == [stopped]
     assert max(rows) == stopped
     assert any("stopping the run" in m for m in _guard_warnings(caplog))
@@ -246,25 +235,15 @@ def _lightning_train(tmp_path, guard, *, chainable=False, max_steps=6, batch_siz
     (module, trainer, applied lrs, run directory)."""
     pl = pytest.importorskip("lightning.pytorch")
     from sharpscope.integrations.lightning import SharpnessCallback
-    from sharpscope.training.model import GPT, GPTConfig
 
-    class TinyLM(pl.LightningModule):
+    class TinyLM(lightning_tiny_lm()):
         def __init__(self):
-            super().__init__()
-            self.gpt = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=1, n_head=2, d_model=16))
+            super().__init__(lr)
             self.applied: list[float] = []
             self.scheduler = None
 
-        def loss(self, batch):
-            x = batch[0]
-            logits = self.gpt(x[:, :-1])
-            return F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
-
-        def training_step(self, batch, batch_idx):
-            return self.loss(batch)
-
         def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=lr)
+            opt = super().configure_optimizers()
             _record_applied_lrs(opt, self.applied)
             if not chainable:
                 return opt
@@ -274,9 +253,9 @@ def _lightning_train(tmp_path, guard, *, chainable=False, max_steps=6, batch_siz
     pl.seed_everything(0, verbose=False)
     module = TinyLM()
     run_dir = tmp_path / "run"
-    callback = SharpnessCallback((_tokens(8, seed=1),), loss_fn=lambda m, b: m.loss(b), every=1, run_dir=run_dir,
+    callback = SharpnessCallback((counting_tokens(8, seed=1),), loss_fn=lambda m, b: m.loss(b), every=1, run_dir=run_dir,
                                  guard=guard)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_tokens()), batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(counting_tokens()), batch_size=batch_size)
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
                          **trainer_args)
@@ -289,7 +268,7 @@ def test_lightning_warn_logs_the_alarm_and_leaves_training_bit_identical(tmp_pat
     with caplog.at_level(logging.WARNING, logger=GUARD_LOGGER):
         warned, _, _, run_dir = _lightning_train(tmp_path / "warn", {"action": "warn", **ALARM})
     plain, _, _, plain_dir = _lightning_train(tmp_path / "plain", None)
-    rows, plain_rows = _measured(_rows(run_dir)), _measured(_rows(plain_dir))
+    rows, plain_rows = _measured(run_rows(run_dir)), _measured(run_rows(plain_dir))
     assert sorted(rows) == sorted(plain_rows) == [0, 1, 2, 3, 4, 5]
     assert any(r.get("stability/alarm") == 1 for r in rows.values()), "the alarm fired"
     assert len(_guard_warnings(caplog)) == 1
@@ -307,7 +286,7 @@ def test_lightning_cap_with_accumulation_scales_each_optimizer_step_and_never_co
     assert trainer.global_step == plain_trainer.global_step == 6
     assert len(applied) == len(scheduled) == 6  # once per optimizer step, not per micro-batch
     assert scheduled == pytest.approx([1e-2 * 0.8 ** k for k in range(6)], rel=1e-12)
-    rows = _measured(_rows(run_dir))
+    rows = _measured(run_rows(run_dir))
     assert sorted(rows) == [0, 1, 2, 3, 4, 5]
     assert any(r["stability/lr_scale"] < 1 for r in rows.values())
     for step in range(6):  # Lightning counts optimizer steps from 0
@@ -315,7 +294,7 @@ def test_lightning_cap_with_accumulation_scales_each_optimizer_step_and_never_co
         row = rows[step]
         assert row["sharpness/lr_over_eta_c"] * row["sharpness/eta_c"] == pytest.approx(applied[step], rel=1e-9)
     assert min(a / s for a, s in zip(applied, scheduled)) < 1
-    _assert_rows_carry_the_applied_lr(_rows(run_dir), dict(enumerate(applied)))
+    _assert_rows_carry_the_applied_lr(run_rows(run_dir), dict(enumerate(applied)))
     assert not _same_parameters(capped, plain)
     assert capped.scheduler.get_last_lr() == plain.scheduler.get_last_lr()
     assert [g["lr"] for g in trainer.optimizers[0].param_groups] == \
@@ -328,7 +307,7 @@ def test_lightning_stop_sets_should_stop_and_ends_early(tmp_path, caplog):
         _, trainer, applied, run_dir = _lightning_train(
             tmp_path, {"action": "stop", "threshold": 1e-6, "patience": 2}, max_steps=8)
     assert trainer.should_stop
-    rows = _measured(_rows(run_dir))
+    rows = _measured(run_rows(run_dir))
     stops = [s for s, r in rows.items() if r.get("stability/stop") == 1]
     assert len(stops) == 1 and max(rows) == stops[0]
     # The stopping step (counted from 0) was the last one taken.
@@ -350,7 +329,7 @@ def test_a_bad_guard_option_fails_when_either_callback_is_made(guard, message):
     from sharpscope.integrations.hf import SharpnessCallback as HFCallback
     from sharpscope.integrations.lightning import SharpnessCallback as LightningCallback
 
-    ids = _tokens(8)
+    ids = counting_tokens(8)
     for make in (lambda: HFCallback({"input_ids": ids, "labels": ids}, guard=guard),
                  lambda: LightningCallback((ids,), loss_fn=lambda m, b: m.loss(b), guard=guard)):
         with pytest.raises(ValueError) as info:

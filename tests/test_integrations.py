@@ -8,7 +8,6 @@ consistent step, the run directory is complete, and training is left bit-identic
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -17,21 +16,10 @@ import torch.nn.functional as F
 
 from sharpscope.runs import read_run
 
-VOCAB, BLOCK = 64, 16
+from support.tiny_lm import BLOCK, VOCAB, counting_tokens, lightning_tiny_lm
+from support.training import run_rows
+
 SHARP_KEYS = ("sharpness/critical", "sharpness/evals")
-
-
-def _tokens(n=64, seed=0):
-    """Sequences that count up modulo VOCAB by 1, 2 or 3 from a random start: learnable,
-    so an update made on one batch descends on another batch of the same kind."""
-    gen = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, VOCAB, (n, 1), generator=gen)
-    stride = torch.randint(1, 4, (n, 1), generator=gen)
-    return (start + stride * torch.arange(BLOCK)) % VOCAB
-
-
-def _rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---- Hugging Face ---------------------------------------------------------------------
@@ -55,7 +43,7 @@ def _hf_trainer(out, callbacks, *, kind="gpt2", n=64, **overrides):
 
     class Tokens(Dataset):
         def __init__(self):
-            self.ids = _tokens(n)
+            self.ids = counting_tokens(n)
 
         def __len__(self):
             return len(self.ids)
@@ -73,7 +61,7 @@ def _hf_trainer(out, callbacks, *, kind="gpt2", n=64, **overrides):
 
 
 def _probe():
-    ids = _tokens(8, seed=1)
+    ids = counting_tokens(8, seed=1)
     return {"input_ids": ids, "labels": ids}
 
 
@@ -132,7 +120,7 @@ def test_hf_callback_logs_the_standard_error_of_critical_sharpness(tmp_path):
     measured = [m for _, m in callback.history if "sharpness/critical" in m]
     assert measured and all(0 < m["sharpness/critical_se"] for m in measured)
     assert all("sharpness/descent_step" in m for _, m in callback.history)
-    rows = [r for r in _rows(tmp_path / "run") if "sharpness/critical" in r]
+    rows = [r for r in run_rows(tmp_path / "run") if "sharpness/critical" in r]
     assert all("sharpness/critical_se" in r for r in rows)
 
 
@@ -149,7 +137,7 @@ def test_hf_warmup_from_lr_zero_defers_the_measurement_to_the_next_step(tmp_path
     first = dict(callback.history)[2]
     assert first["sharpness/deferred_from"] == 1
     assert math.isclose(first["sharpness/lr_over_eta_c"] * first["sharpness/eta_c"], 0.5e-3, rel_tol=1e-9)
-    rows = {r["step"]: r for r in _rows(tmp_path / "run")}
+    rows = {r["step"]: r for r in run_rows(tmp_path / "run")}
     assert rows[2]["sharpness/deferred_from"] == 1
     assert "sharpness/deferred_from" not in rows[5]
 
@@ -173,9 +161,9 @@ def test_hf_every_measurement_reaches_log_history_once_at_its_step(tmp_path, log
         for key, value in metrics.items():
             if math.isfinite(value):
                 assert row[key] == value
-    rows = [r for r in _rows(tmp_path / "run") if "sharpness/evals" in r]
+    rows = [r for r in run_rows(tmp_path / "run") if "sharpness/evals" in r]
     assert [r["step"] for r in rows] == measured
-    steps = [r["step"] for r in _rows(tmp_path / "run")]
+    steps = [r["step"] for r in run_rows(tmp_path / "run")]
     assert steps == sorted(set(steps)), "one row per step, in order"
 
 
@@ -188,7 +176,7 @@ def test_hf_run_directory_has_loss_grad_norm_and_lr_from_the_trainer(tmp_path):
     trainer = _hf_trainer(tmp_path / "hf", [callback], kind="llama", max_steps=6, logging_steps=2,
                           lr_scheduler_type="cosine", max_grad_norm=0.5)
     trainer.train()
-    rows = {r["step"]: r for r in _rows(tmp_path / "run")}
+    rows = {r["step"]: r for r in run_rows(tmp_path / "run")}
     hf_logs = [r for r in trainer.state.log_history if "loss" in r]
     assert hf_logs
     for entry in hf_logs:
@@ -290,10 +278,10 @@ def test_hf_resume_from_checkpoint_keeps_one_row_per_step_and_the_warm_start(tmp
     trainer.train(resume_from_checkpoint=str(tmp_path / "elsewhere" / "checkpoint-4"))
     assert second.resumed_from == 4
     assert second.recorder.monitor.measurements == len(whole.history)
-    steps = [r["step"] for r in _rows(tmp_path / "run")]
-    assert steps == sorted(set(steps)) == [r["step"] for r in _rows(tmp_path / "whole")]
-    resumed = {r["step"]: r for r in _rows(tmp_path / "run")}
-    for row in _rows(tmp_path / "whole"):
+    steps = [r["step"] for r in run_rows(tmp_path / "run")]
+    assert steps == sorted(set(steps)) == [r["step"] for r in run_rows(tmp_path / "whole")]
+    resumed = {r["step"]: r for r in run_rows(tmp_path / "run")}
+    for row in run_rows(tmp_path / "whole"):
         for key in ("sharpness/critical", "sharpness/evals", "train/loss"):
             if key in row:
                 assert resumed[row["step"]][key] == pytest.approx(row[key], rel=1e-5), (row["step"], key)
@@ -313,7 +301,7 @@ def test_hf_new_run_never_replaces_a_run_in_run_dir_unless_asked(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
     replaced = SharpnessCallback(_probe(), every=2, run_dir=tmp_path / "run", name="second", overwrite=True)
     _hf_trainer(tmp_path / "hf3", [replaced], max_steps=2).train()
-    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2]
+    assert [r["step"] for r in run_rows(tmp_path / "run")] == [1, 2]
     assert read_run(tmp_path / "run").config["name"] == "second"
 
 
@@ -327,7 +315,7 @@ def test_hf_callback_serves_a_second_train_call(tmp_path):
     trainer.train()
     trainer.args.max_steps = 8
     trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-4"))
-    measured = [r["step"] for r in _rows(tmp_path / "run") if "sharpness/evals" in r]
+    measured = [r["step"] for r in run_rows(tmp_path / "run") if "sharpness/evals" in r]
     assert measured == [1, 2, 4, 6, 8]
 
 
@@ -343,7 +331,7 @@ def test_hf_exact_references_every_m_steps(tmp_path):
     assert exact == [1, 3, 6]
     with_pre = [row for row in trainer.state.log_history if "sharpness/preconditioned" in row]
     assert [row["step"] for row in with_pre] == [3, 6]  # AdamW has no moments before step 1
-    rows = {r["step"]: r for r in _rows(tmp_path / "run")}
+    rows = {r["step"]: r for r in run_rows(tmp_path / "run")}
     assert rows[3]["sharpness/lambda_max"] > 0 and rows[3]["sharpness/trace_per_param"] == pytest.approx(
         rows[3]["sharpness/trace"] / read_run(tmp_path / "run").config["n_params"], rel=1e-9)
 
@@ -368,36 +356,13 @@ def test_callback_options_are_checked_at_construction(kwargs, message):
     from sharpscope.integrations.lightning import SharpnessCallback as LightningCallback
 
     for make in (lambda: HFCallback(_probe(), **kwargs),
-                 lambda: LightningCallback((_tokens(8),), loss_fn=lambda m, b: m.loss(b), **kwargs)):
+                 lambda: LightningCallback((counting_tokens(8),), loss_fn=lambda m, b: m.loss(b), **kwargs)):
         with pytest.raises(ValueError) as info:
             make()
         assert message in str(info.value) and "\n" not in str(info.value)
 
 
 # ---- Lightning ------------------------------------------------------------------------
-
-def _lightning_module():
-    pl = pytest.importorskip("lightning.pytorch")
-    from sharpscope.training.model import GPT, GPTConfig
-
-    class TinyLM(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.gpt = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=1, n_head=2, d_model=16))
-
-        def loss(self, batch):
-            x = batch[0]
-            logits = self.gpt(x[:, :-1])
-            return F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
-
-        def training_step(self, batch, batch_idx):
-            return self.loss(batch)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-    return TinyLM
-
 
 def _recording_logger():
     from lightning.pytorch.loggers import Logger
@@ -429,8 +394,8 @@ def _recording_logger():
 def _lightning_train(callback, *, max_steps=6, batch_size=8, logger=False, **trainer_args):
     pl = pytest.importorskip("lightning.pytorch")
     pl.seed_everything(0, verbose=False)
-    module = _lightning_module()()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_tokens()), batch_size=batch_size)
+    module = lightning_tiny_lm()()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(counting_tokens()), batch_size=batch_size)
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=logger, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[callback] if callback else [], **trainer_args)
@@ -442,7 +407,7 @@ def test_lightning_callback_measures_logs_and_does_not_perturb(tmp_path):
     pytest.importorskip("lightning.pytorch")
     from sharpscope.integrations.lightning import SharpnessCallback
 
-    callback = SharpnessCallback((_tokens(8, seed=1),), loss_fn=lambda module, batch: module.loss(batch),
+    callback = SharpnessCallback((counting_tokens(8, seed=1),), loss_fn=lambda module, batch: module.loss(batch),
                                  every=2, run_dir=tmp_path / "run")
     monitored, trainer = _lightning_train(callback)
     assert [step for step, _ in callback.history] == [0, 2, 4]
@@ -461,7 +426,7 @@ def test_lightning_every_measurement_reaches_the_logger_at_default_cadence(tmp_p
     from sharpscope.integrations.lightning import SharpnessCallback
 
     logger = _recording_logger()
-    callback = SharpnessCallback((_tokens(8, seed=1),), loss_fn=lambda m, b: m.loss(b), every=2,
+    callback = SharpnessCallback((counting_tokens(8, seed=1),), loss_fn=lambda m, b: m.loss(b), every=2,
                                  run_dir=tmp_path / "run")
     _lightning_train(callback, max_steps=12, logger=logger)
     logged = [(step, row) for step, row in logger.rows if "sharpness/evals" in row]
@@ -496,10 +461,10 @@ def test_lightning_failed_measurement_never_shows_an_old_value(tmp_path):
             grads[:] = [p.grad.detach().clone() for p in pl_module.parameters()]
 
     logger = _recording_logger()
-    callback = SharpnessCallback((_tokens(8, seed=1),), loss_fn=loss_fn, every=1)
+    callback = SharpnessCallback((counting_tokens(8, seed=1),), loss_fn=loss_fn, every=1)
     pl.seed_everything(0, verbose=False)
-    module = _lightning_module()()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_tokens()), batch_size=8)
+    module = lightning_tiny_lm()()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(counting_tokens()), batch_size=8)
     trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=logger, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Track(), callback])
     trainer.fit(module, loader)
@@ -520,11 +485,11 @@ def test_lightning_run_directory_with_accumulation_has_loss_grad_norm_and_lr(tmp
     pytest.importorskip("lightning.pytorch")
     from sharpscope.integrations.lightning import SharpnessCallback
 
-    callback = SharpnessCallback((_tokens(8, seed=1),), loss_fn=lambda m, b: m.loss(b), every=2,
+    callback = SharpnessCallback((counting_tokens(8, seed=1),), loss_fn=lambda m, b: m.loss(b), every=2,
                                  run_dir=tmp_path / "run", group="scales", log_every=1)
     module, trainer = _lightning_train(callback, max_steps=4, batch_size=4, accumulate_grad_batches=2)
     assert [step for step, _ in callback.history] == [0, 2]
-    rows = {r["step"]: r for r in _rows(tmp_path / "run")}
+    rows = {r["step"]: r for r in run_rows(tmp_path / "run")}
     assert sorted(rows) == [0, 1, 2, 3]
     for row in rows.values():
         assert row["lr"] == pytest.approx(1e-3) and row["train/grad_norm"] > 0
@@ -532,8 +497,8 @@ def test_lightning_run_directory_with_accumulation_has_loss_grad_norm_and_lr(tmp
     import lightning.pytorch as pl
 
     pl.seed_everything(0, verbose=False)
-    fresh = _lightning_module()()
-    ids = _tokens()
+    fresh = lightning_tiny_lm()()
+    ids = counting_tokens()
     with torch.no_grad():
         expected = 0.5 * (float(fresh.loss((ids[0:4],))) + float(fresh.loss((ids[4:8],))))
     assert rows[0]["train/loss"] == pytest.approx(expected, rel=1e-6)
@@ -552,7 +517,7 @@ def test_lightning_bf16_mixed_probes_run_in_float32(tmp_path):
         dtypes.append(logits.dtype)
         return F.cross_entropy(logits.float().reshape(-1, VOCAB), x[:, 1:].reshape(-1))
 
-    callback = SharpnessCallback((_tokens(8, seed=1),), loss_fn=loss_fn, every=2, run_dir=tmp_path / "run")
+    callback = SharpnessCallback((counting_tokens(8, seed=1),), loss_fn=loss_fn, every=2, run_dir=tmp_path / "run")
     _lightning_train(callback, max_steps=4, precision="bf16-mixed")
     assert dtypes and set(dtypes) == {torch.float32}
     assert read_run(tmp_path / "run").config["monitor"]["precision"] == "float32"
@@ -578,10 +543,10 @@ def test_monitor_in_a_plain_loop_defers_zero_lr_steps_and_measures_exact_referen
     model = _tiny_gpt()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 3))  # lr 0 at step 0
-    probe = _tokens(8, seed=1)
+    probe = counting_tokens(8, seed=1)
     monitor = SharpnessMonitor(model, _gpt_loss, probe, opt, every=4, exact_every=4, exact=["lambda_max"],
                                lanczos_iters=30)
-    data = _tokens(64)
+    data = counting_tokens(64)
     seen = {}
     for step in range(9):
         loss = _gpt_loss(model, data[step * 4:(step + 1) * 4])
@@ -634,8 +599,8 @@ def test_monitor_in_an_accelerate_loop_with_accumulation_and_bf16(fresh_accelera
         dtypes.append(logits.dtype)
         return F.cross_entropy(logits.float().reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
 
-    monitor = SharpnessMonitor(model, loss_fn, _tokens(8, seed=1), opt, every=4)
-    data = _tokens(64)
+    monitor = SharpnessMonitor(model, loss_fn, counting_tokens(8, seed=1), opt, every=4)
+    data = counting_tokens(64)
     seen = {}
     for step in range(8):
         with accelerator.accumulate(model):
@@ -661,11 +626,11 @@ def test_lightning_resume_from_checkpoint_keeps_rows_and_warm_start(tmp_path):
 
     def fit(run_dir, max_steps, ckpt_dir=None, ckpt_path=None):
         pl.seed_everything(0, verbose=False)
-        module = _lightning_module()()
+        module = lightning_tiny_lm()()
         # Four batches an epoch, so the checkpoint after step 3 is at an epoch boundary,
         # where Lightning resumes a plain DataLoader exactly.
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_tokens()), batch_size=16)
-        callback = SharpnessCallback((_tokens(8, seed=1),), loss_fn=lambda m, b: m.loss(b), every=2,
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(counting_tokens()), batch_size=16)
+        callback = SharpnessCallback((counting_tokens(8, seed=1),), loss_fn=lambda m, b: m.loss(b), every=2,
                                      run_dir=run_dir, log_every=1)
         extra = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, save_top_k=-1)] if ckpt_dir else []
         trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False,
@@ -679,7 +644,7 @@ def test_lightning_resume_from_checkpoint_keeps_rows_and_warm_start(tmp_path):
     (checkpoint,) = sorted((tmp_path / "ckpt").glob("*step=4*.ckpt"))
     resumed = fit(tmp_path / "run", 8, ckpt_path=str(checkpoint))
     assert resumed.recorder.monitor.measurements == len(whole.history)
-    rows, reference = _rows(tmp_path / "run"), _rows(tmp_path / "whole")
+    rows, reference = run_rows(tmp_path / "run"), run_rows(tmp_path / "whole")
     assert [r["step"] for r in rows] == [r["step"] for r in reference] == list(range(8))
     for row, ref in zip(rows, reference):
         for key in ("sharpness/critical", "sharpness/evals", "train/loss"):

@@ -1,7 +1,9 @@
-"""Training a run in the test process, the way the trainer tests need it."""
+"""Training a run in the test process, the way the trainer tests need it, and reading
+what a run wrote (its raw metrics rows, its last checkpoint's weights)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -22,3 +24,16 @@ def train_one_thread(out: Path, overrides: list[str], *, resume: bool = False) -
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def run_rows(run: Path) -> list[dict]:
+    """The rows of ``run``'s metrics.jsonl as written, without the run reader's checks
+    (callback runs and half-written runs are read too)."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run: Path) -> dict:
+    """The model weights of ``run``'s last checkpoint."""
+    from safetensors.torch import load_file
+
+    return load_file(str(sorted((run / "checkpoints").glob("step*"))[-1] / "model.safetensors"))
