@@ -315,21 +315,21 @@ HEADER = (f"{'detector':<24} {'spikes hit':>9} {'lead':>6} {'blow-ups':>9} {'lea
           f"{'false/1k':>9} {'false runs':>10} {'chance':>11}  setting")
 
 
-def score_runs(runs: list[dict], alarms_of, args) -> Score:
+def score_runs(runs: list[dict], alarms: list[list[int]], args) -> Score:
+    """The score of one detector whose alarm onsets in each run are ``alarms``."""
     score = Score()
-    for r in runs:
-        score.add(alarms_of(r), r["spikes"], r["blowup"], args.steps, args.horizon, args.blowup_horizon)
+    for r, a in zip(runs, alarms):
+        score.add(a, r["spikes"], r["blowup"], args.steps, args.horizon, args.blowup_horizon)
     return score
 
 
-def chance(runs: list[dict], alarms_of, args, reps: int = 100) -> str:
+def chance(runs: list[dict], alarms: list[list[int]], args, reps: int = 100) -> str:
     """The hits and warned blow-ups expected by chance: each run's alarms shifted
     circularly by a random offset (same number and spacing of alarms, same runs, timing
     unrelated to the events), mean over ``reps`` shifts."""
     import random
 
     rng = random.Random(0)
-    alarms = [alarms_of(r) for r in runs]
     hits = warned = 0
     for _ in range(reps):
         score = Score()
@@ -347,7 +347,9 @@ def grid(spec: dict) -> list[dict]:
 
 
 def describe(setting: dict) -> str:
-    return " ".join(f"{k}={v:g}" for k, v in setting.items())
+    """The tuned fields of a setting (a guard's other options do not change its alarms
+    or are left at the run's own)."""
+    return " ".join(f"{k}={v:g}" for k, v in setting.items() if k in GUARD_GRID or k in Z_GRID)
 
 
 # ---- the bench ----------------------------------------------------------------------------
@@ -387,7 +389,7 @@ def main(argv=None) -> int:
         name = key.removeprefix("guard.")
         own[name] = type(own[name])(value)
     own.pop("action")
-    own_setting = {**{k: own[k] for k in ("threshold", "patience", "confidence", "smoothing")}, "every": 1}
+    own_setting = {**own, "every": 1}  # the logged runs' guard, read at every step
 
     settings = [(s, lr, w, seed) for s in sizes for lr in lrs for w in warmups for seed in tune_seeds + test_seeds]
     t0 = time.perf_counter()
@@ -414,7 +416,7 @@ def main(argv=None) -> int:
     for r in runs:
         r["spikes"] = spike_events(r["loss"], args.window, args.k)
         r["blowup"] = blowup_onset(r["loss"], args.rise)
-        replay = guard_alarms(r, {**{k: own[k] for k in own}, "every": 1})
+        replay = guard_alarms(r, own_setting)
         mismatched += replay != logged_alarms(r["alarm"])
     print(f"replayed guard (the runs' own setting) = logged alarms: {len(runs) - mismatched}/{len(runs)} runs")
 
@@ -446,18 +448,20 @@ def main(argv=None) -> int:
           f"{args.max_false:g} false alarms / 1000 steps), scored on seeds {args.test_seeds}:")
     print(HEADER)
     for name, (candidates, detector) in families.items():
-        scored = [(score_runs(tune, detector(s), args), s) for s in candidates]
+        alarms_in = lambda rs, s: [detector(s)(r) for r in rs]
+        scored = [(score_runs(tune, alarms_in(tune, s), args), s) for s in candidates]
         best_tune, best = max(scored, key=lambda x: x[0].key(args.max_false))
-        print(best_tune.row(f"{name}, tuning", describe(best), chance(tune, detector(best), args)))
-        print(score_runs(test, detector(best), args).row(f"{name}, test", describe(best),
-                                                         chance(test, detector(best), args)))
+        print(best_tune.row(f"{name}, tuning", describe(best), chance(tune, alarms_in(tune, best), args)))
+        test_alarms = alarms_in(test, best)
+        print(score_runs(test, test_alarms, args).row(f"{name}, test", describe(best),
+                                                      chance(test, test_alarms, args)))
     print("\nthe guard at its own setting, every k steps (all seeds):")
     print(HEADER)
     for every in GUARD_GRID["every"]:
         setting = {**own_setting, "every": every}
-        alarms_of = lambda r: guard_alarms(r, setting)
-        print(score_runs(runs, alarms_of, args).row("guard, own setting", describe(setting),
-                                                     chance(runs, alarms_of, args)))
+        alarms = [guard_alarms(r, setting) for r in runs]
+        print(score_runs(runs, alarms, args).row("guard, own setting", describe(setting),
+                                                 chance(runs, alarms, args)))
 
     # Rescue.
     unstable = [r for r in runs if r["spikes"] or r["blowup"] is not None]
